@@ -1,0 +1,220 @@
+"""Communication as small explicit objects over a process group passed in.
+
+- :class:`Ring`: send to rank+1, receive from rank-1. ``exchange`` posts the transfer and
+  returns at once; ``wait`` blocks. No device synchronisation inside, so compute issued
+  between the two overlaps the transfer.
+- :func:`all_gather`, :func:`reduce_scatter`, :func:`all_to_all`: differentiable collectives
+  with their autograd written here (``torch.distributed.nn.functional`` gave wrong gradients
+  on gloo, see REFERENCE.md).
+
+Every call is counted in the active :func:`count_comm` counters (calls and bytes sent per
+rank), which tests assert on and benchmarks report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+class CommError(RuntimeError):
+    """A transfer failed or timed out; says which rank, which step and which peer."""
+
+
+@dataclass
+class CommCounter:
+    calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, kind: str, nbytes: int) -> None:
+        self.calls[kind] += 1
+        self.bytes[kind] += nbytes
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
+
+
+_COUNTERS: list[CommCounter] = []
+
+
+@contextlib.contextmanager
+def count_comm():
+    """Count the communication issued by ringattn inside the block (this rank only)."""
+    c = CommCounter()
+    _COUNTERS.append(c)
+    try:
+        yield c
+    finally:
+        _COUNTERS.remove(c)
+
+
+def _record(kind: str, nbytes: int) -> None:
+    for c in _COUNTERS:
+        c.add(kind, nbytes)
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def world_of(group) -> tuple[int, int]:
+    """(rank, world size) in ``group``; (0, 1) when torch.distributed is not initialised."""
+    if not dist.is_available() or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+class Pending:
+    """Transfers in flight; ``wait()`` returns the received tensors."""
+
+    def __init__(self, works, recv, where: str):
+        self._works, self._recv, self._where = works, recv, where
+
+    def wait(self) -> list[torch.Tensor]:
+        for w in self._works:
+            try:
+                w.wait()
+            except Exception as e:  # gloo: peer closed or timed out; NCCL: watchdog
+                raise CommError(f"{self._where} failed: {e}") from e
+        return self._recv
+
+
+class Ring:
+    """One direction of a ring over ``group``: send to rank+1, receive from rank-1."""
+
+    def __init__(self, group=None):
+        self.group = group
+        self.rank, self.world = world_of(group)
+
+    @classmethod
+    def local(cls) -> Ring:
+        """A one-rank ring that never communicates, even inside a distributed job."""
+        r = cls.__new__(cls)
+        r.group, r.rank, r.world = None, 0, 1
+        return r
+
+    def _global(self, r: int) -> int:
+        r %= self.world
+        return dist.get_global_rank(self.group, r) if self.group is not None else r
+
+    def exchange(self, tensors: list[torch.Tensor], what: str = "block", shift: int = 1) -> Pending:
+        """Post: send ``tensors`` to rank+shift, receive same-shaped ones from rank-shift."""
+        if self.world == 1 or shift % self.world == 0:
+            return Pending([], list(tensors), "")
+        recv = [torch.empty_like(t) for t in tensors]
+        sends = [t.contiguous() for t in tensors]
+        dst, src = self._global(self.rank + shift), self._global(self.rank - shift)
+        # isend/irecv pairs (not blocking send-then-recv, which deadlocks around a ring);
+        # one work object per op, all waited on (batch_isend_irecv can hang on gloo).
+        works = [dist.isend(t, dst, group=self.group) for t in sends]
+        works += [dist.irecv(t, src, group=self.group) for t in recv]
+        _record(f"ring:{what.split(' at ')[0]}", _nbytes(sends))
+        where = f"rank {self.rank}: {what}: receiving from rank {(self.rank - shift) % self.world}"
+        return Pending(works, recv, where)
+
+
+# ----------------------------------------------------------------------------- collectives
+
+
+# torch 2.13 renamed the tensor collectives; older releases only have the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _check(where: str, fn, *args, **kw):
+    try:
+        return fn(*args, **kw)
+    except Exception as e:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        raise CommError(f"global rank {rank}: {where} failed: {e}") from e
+
+
+def _all_gather_raw(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    _, world = world_of(group)
+    if world == 1:
+        return x
+    x = x.movedim(dim, 0).contiguous()
+    out = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    _record("all_gather", _nbytes([x]))
+    _check("all_gather", _all_gather_single, out, x, group=group)
+    return out.movedim(0, dim)
+
+
+def _reduce_scatter_raw(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    _, world = world_of(group)
+    if world == 1:
+        return x
+    x = x.movedim(dim, 0).contiguous()
+    out = torch.empty((x.shape[0] // world, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    _record("reduce_scatter", _nbytes([x]) * (world - 1) // world)
+    _check("reduce_scatter", _reduce_scatter_single, out, x, group=group)
+    return out.movedim(0, dim)
+
+
+def _all_to_all_raw(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
+    """Split ``x`` into W parts along scatter_dim, send part j to rank j, and concatenate the
+    received parts along gather_dim in rank order."""
+    _, world = world_of(group)
+    if world == 1:
+        return x
+    parts = [p.contiguous() for p in x.chunk(world, dim=scatter_dim)]
+    inp = torch.stack(parts)  # (W, ...part)
+    out = torch.empty_like(inp)
+    _record("all_to_all", _nbytes([inp]) * (world - 1) // world)
+    _check("all_to_all", dist.all_to_all_single, out, inp, group=group)
+    return torch.cat(out.unbind(0), dim=gather_dim)
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _all_gather_raw(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        # every rank used the whole gathered tensor: its part's gradient is the sum over ranks
+        return _reduce_scatter_raw(g, ctx.dim, ctx.group), None, None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _reduce_scatter_raw(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather_raw(g, ctx.dim, ctx.group), None, None
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scatter_dim, gather_dim, group):
+        ctx.dims, ctx.group = (scatter_dim, gather_dim), group
+        return _all_to_all_raw(x, scatter_dim, gather_dim, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        s, gd = ctx.dims
+        return _all_to_all_raw(g, gd, s, ctx.group), None, None, None
+
+
+def all_gather(x: torch.Tensor, *, dim: int = 0, group=None) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along ``dim`` in rank order (differentiable)."""
+    return _AllGather.apply(x, dim, group)
+
+
+def reduce_scatter(x: torch.Tensor, *, dim: int = 0, group=None) -> torch.Tensor:
+    """Sum over ranks, then keep this rank's 1/W part along ``dim`` (differentiable)."""
+    return _ReduceScatter.apply(x, dim, group)
+
+
+def all_to_all(x: torch.Tensor, *, scatter_dim: int, gather_dim: int, group=None) -> torch.Tensor:
+    """Differentiable all-to-all: scatter ``scatter_dim``, gather ``gather_dim``."""
+    return _AllToAll.apply(x, scatter_dim, gather_dim, group)

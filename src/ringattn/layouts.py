@@ -1,0 +1,109 @@
+"""How the global sequence is split over the ranks, as permutations.
+
+For a layout and a world size W, ``permutation(s, layout, W)`` is the list of global token
+indices in rank-major order: rank r holds ``perm[r*s/W:(r+1)*s/W]``. Shard is an index
+select with that slice, unshard gathers and indexes with ``argsort(perm)``, and the RoPE
+positions a rank needs are the same slice. Example, s = 8, W = 2:
+
+    contiguous  rank0: 0 1 2 3        rank1: 4 5 6 7
+    zigzag      rank0: 0 1 | 6 7      rank1: 2 3 | 4 5     (chunks r and 2W-1-r of 2W)
+    striped     rank0: 0 2 4 6        rank1: 1 3 5 7       (tokens r, r+W, r+2W, ...)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+LAYOUTS = ("contiguous", "zigzag", "striped")
+
+
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is unknown; choose one of {LAYOUTS}")
+
+
+def check_divisible(seq_len: int, layout: str, world_size: int) -> None:
+    check_layout(layout)
+    parts = 2 * world_size if layout == "zigzag" else world_size
+    if seq_len % parts != 0:
+        raise ValueError(
+            f"sequence length {seq_len} is not divisible by {parts} "
+            f"({'2 * world_size' if layout == 'zigzag' else 'world_size'}) for layout="
+            f"{layout!r}; pad the sequence to a multiple of {parts}"
+        )
+
+
+def local_indices(
+    seq_len: int, layout: str, rank: int, world_size: int, device=None
+) -> torch.Tensor:
+    """Global token indices held by ``rank`` (long, (seq_len // world_size,)), in local order."""
+    check_divisible(seq_len, layout, world_size)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} is outside [0, world_size={world_size})")
+    n = seq_len // world_size
+    if layout == "contiguous":
+        return torch.arange(rank * n, (rank + 1) * n, device=device)
+    if layout == "striped":
+        return torch.arange(rank, seq_len, world_size, device=device)
+    c = seq_len // (2 * world_size)  # zigzag chunk
+    j = 2 * world_size - 1 - rank
+    return torch.cat(
+        [
+            torch.arange(rank * c, (rank + 1) * c, device=device),
+            torch.arange(j * c, (j + 1) * c, device=device),
+        ]
+    )
+
+
+def permutation(seq_len: int, layout: str, world_size: int, device=None) -> torch.Tensor:
+    """Global indices in rank-major order: ``x[perm]`` lays the sequence out rank after rank."""
+    return torch.cat(
+        [local_indices(seq_len, layout, r, world_size, device) for r in range(world_size)]
+    )
+
+
+def shard(x: torch.Tensor, layout: str, *, rank: int, world_size: int, dim: int = 1):
+    """The part of the global ``x`` that ``rank`` holds along ``dim`` (pure, no communication)."""
+    idx = local_indices(x.shape[dim], layout, rank, world_size, x.device)
+    if layout == "contiguous":
+        n = idx.numel()
+        return x.narrow(dim, rank * n, n)
+    return x.index_select(dim, idx)
+
+
+def doc_starts(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """For each global position, the start of its document, (seq_len,) long."""
+    cu = cu_seqlens.to(torch.long)
+    doc = torch.bucketize(torch.arange(seq_len, device=cu.device), cu[1:], right=True)
+    return cu[doc]
+
+
+def positions(
+    seq_len: int,
+    layout: str,
+    *,
+    rank: int,
+    world_size: int,
+    cu_seqlens: torch.Tensor | None = None,
+    device=None,
+) -> torch.Tensor:
+    """RoPE positions of the tokens ``rank`` holds: global positions, restarting at 0 at each
+    document of ``cu_seqlens`` (int32, (n_docs + 1,)) when given."""
+    idx = local_indices(seq_len, layout, rank, world_size, device)
+    if cu_seqlens is None:
+        return idx
+    return idx - doc_starts(cu_seqlens.to(idx.device), seq_len)[idx]
+
+
+def unshard(x_local: torch.Tensor, layout: str, *, group=None, dim: int = 1) -> torch.Tensor:
+    """Gather every rank's part and restore global order along ``dim``. Differentiable: the
+    gradient of each rank's part is the sum over ranks of the gradient of its positions."""
+    from .comm import all_gather  # local import: comm imports nothing from here
+
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    full = all_gather(x_local, dim=dim, group=group)
+    perm = permutation(full.shape[dim], layout, world, x_local.device)
+    if layout == "contiguous":
+        return full
+    return full.index_select(dim, torch.argsort(perm))

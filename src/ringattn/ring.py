@@ -1,0 +1,179 @@
+"""Ring attention: one autograd function, one loop for every layout, mask and kernel.
+
+Each rank keeps its queries; the K/V block travels to rank+1 while the rank computes on the
+block it holds (post the transfer, compute, wait). Partial results merge through the LSE in
+fp32. Backward rotates K/V the same way and sends each block's dK/dV accumulator (fp32) along
+with it, so after the last step every rank holds exactly the gradients of its own K/V.
+
+Worked example, W = 2, causal zigzag, see docs/ring_attention.md.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .comm import Ring, world_of
+from .kernels import Kernel, get_kernel, merge_
+from .schedule import RingPlan, ring_plan
+from .validate import agree, check_layout_len, check_qkv, dtype_code
+
+_LAYOUT_CODE = {"contiguous": 0, "zigzag": 1, "striped": 2}
+
+
+def _bhsd(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2)  # (b, s, h, d) -> (b, h, s, d) view
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 accumulators for every input dtype, except fp64 stays fp64 (oracle checks)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def ring_forward(q, k, v, *, scale: float, plan: RingPlan, ring: Ring, kernel: Kernel):
+    """q (b, n, h, d), k/v (b, n, h_kv, d) -> out (b, n, h, d) fp32, lse (b, h, n) fp32."""
+    b, n, h, _ = q.shape
+    acc = acc_dtype(q.dtype)
+    out = torch.zeros(b, n, h, v.shape[3], dtype=acc, device=q.device)
+    lse = torch.full((b, h, n), float("-inf"), dtype=acc, device=q.device)
+    out_t, q_t = _bhsd(out), _bhsd(q)
+    kv = [k.contiguous(), v.contiguous()]
+    n_steps = len(plan)
+    for step, works in enumerate(plan):
+        pending = None
+        if step < n_steps - 1:
+            pending = ring.exchange(kv, f"k/v at forward step {step}")
+        k_t, v_t = _bhsd(kv[0]), _bhsd(kv[1])
+        for w in works:
+            o_b, lse_b = kernel.forward(
+                q_t[:, :, w.q],
+                k_t[:, :, w.kv],
+                v_t[:, :, w.kv],
+                causal=w.causal,
+                scale=scale,
+                mask=w.mask,
+            )
+            merge_(out_t[:, :, w.q], lse[:, :, w.q], o_b, lse_b)
+        if pending is not None:
+            kv = pending.wait()
+    return out, lse
+
+
+def ring_backward(
+    dout, q, k, v, out, lse, *, scale: float, plan: RingPlan, ring: Ring, kernel: Kernel
+):
+    """Gradients for q (b, n, h, d) and this rank's own k, v (b, n, h_kv, d), all fp32."""
+    q_t, do_t, o_t = _bhsd(q), _bhsd(dout), _bhsd(out)
+    dq = torch.zeros(q.shape, dtype=acc_dtype(q.dtype), device=q.device)
+    dq_t = _bhsd(dq)
+    kv = [k.contiguous(), v.contiguous()]
+    n_steps = len(plan)
+    pending_dkv = None
+    for step, works in enumerate(plan):
+        pending_kv = None
+        if step < n_steps - 1:
+            pending_kv = ring.exchange(kv, f"k/v at backward step {step}")
+        k_t, v_t = _bhsd(kv[0]), _bhsd(kv[1])
+        # compute first, so the dK/dV of the previous step are still in flight meanwhile
+        grads = [
+            (
+                w,
+                kernel.backward(
+                    do_t[:, :, w.q],
+                    q_t[:, :, w.q],
+                    k_t[:, :, w.kv],
+                    v_t[:, :, w.kv],
+                    o_t[:, :, w.q],
+                    lse[:, :, w.q],
+                    causal=w.causal,
+                    scale=scale,
+                    mask=w.mask,
+                ),
+            )
+            for w in works
+        ]
+        if pending_dkv is None:  # step 0: start the accumulators of our own block
+            acc = [torch.zeros(t.shape, dtype=dq.dtype, device=t.device) for t in kv]
+        else:
+            acc = pending_dkv.wait()
+        for w, (dq_b, dk_b, dv_b) in grads:
+            dq_t[:, :, w.q] += dq_b
+            _bhsd(acc[0])[:, :, w.kv] += dk_b
+            _bhsd(acc[1])[:, :, w.kv] += dv_b
+        # The accumulators follow their block to rank+1; after the last step the block held
+        # here started on rank r-(T-1), so the final hop goes straight home (shift 1-T = +1
+        # when the ring runs all W steps).
+        shift = 1 if step < n_steps - 1 else (1 - n_steps) % max(ring.world, 1)
+        pending_dkv = ring.exchange(acc, f"dk/dv at backward step {step}", shift=shift)
+        if pending_kv is not None:
+            kv = pending_kv.wait()
+    dk, dv = pending_dkv.wait()
+    return dq, dk, dv
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, plan, ring, kernel):
+        out, lse = ring_forward(q, k, v, scale=scale, plan=plan, ring=ring, kernel=kernel)
+        out = out.to(q.dtype)  # the one cast to the input dtype
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (scale, plan, ring, kernel)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        scale, plan, ring, kernel = ctx.args
+        dq, dk, dv = ring_backward(
+            dout, q, k, v, out, lse, scale=scale, plan=plan, ring=ring, kernel=kernel
+        )
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    layout: str = "contiguous",
+    group=None,
+    return_lse: bool = False,
+    kernel: str | Kernel = "auto",
+):
+    """Exact attention over a sequence sharded across the ranks of ``group``.
+
+    Args:
+        q: (b, s_local, h, d) this rank's queries, in flash-attn layout.
+        k, v: (b, s_local, h_kv, d), ``h % h_kv == 0``; they travel with h_kv heads.
+        causal: causal mask in GLOBAL token positions (as laid out by ``layout``).
+        softmax_scale: defaults to ``d ** -0.5``.
+        layout: how the caller sharded the sequence: "contiguous", "zigzag", "striped"
+            (see :mod:`ringattn.layouts`; ``ringattn.shard`` produces each of them).
+        group: process group of the ring (default: the world group; one process without
+            torch.distributed).
+        return_lse: also return lse (b, h, s_local) fp32, natural log, scale applied.
+            The LSE is not differentiable.
+        kernel: "auto", "blockwise", "sdpa", "flash_attn" or a :class:`Kernel`.
+
+    Returns:
+        out (b, s_local, h, d) in the input dtype, or (out, lse).
+    """
+    name = "ring_attention"
+    rank, world = world_of(group)
+    error = None
+    try:
+        check_qkv(q, k, v, name=name)
+        check_layout_len(layout, q.shape[1], name=name)
+        kern = get_kernel(kernel, q.device, q.dtype)
+    except ValueError as e:
+        error = e
+    meta = [-1] * 8
+    if error is None:
+        meta = [*q.shape, k.shape[2], dtype_code(q.dtype), _LAYOUT_CODE[layout], int(causal)]
+    agree(group, meta, error, name=name)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    plan = ring_plan(layout, causal, rank, world, q.shape[1])
+    out, lse = _RingAttention.apply(q, k, v, scale, plan, Ring(group), kern)
+    return (out, lse) if return_lse else out

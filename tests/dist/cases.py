@@ -1,0 +1,116 @@
+"""Functions the worker ranks run (module level, so they pickle by reference)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import ringattn
+from ringattn.kernels import blockwise_kernel
+
+DTYPES = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp64": torch.float64,
+}
+
+
+def make_inputs(spec: dict):
+    """Global q, k, v, dout (b, s, h, d) from a seed, rounded to spec['dtype']."""
+    g = torch.Generator().manual_seed(spec.get("seed", 0))
+    b, s, h, hk, d = spec["b"], spec["s"], spec["h"], spec["hk"], spec["d"]
+    dt = DTYPES[spec["dtype"]]
+    q = torch.randn(b, s, h, d, generator=g) * spec.get("q_scale", 1.0)
+    k = torch.randn(b, s, hk, d, generator=g)
+    v = torch.randn(b, s, hk, d, generator=g)
+    dout = torch.randn(b, s, h, d, generator=g)
+    return [t.to(dt) for t in (q, k, v, dout)]
+
+
+def _kernel(spec):
+    kern = spec.get("kernel", "auto")
+    if kern.startswith("blockwise:"):
+        return blockwise_kernel(int(kern.split(":")[1]))
+    return kern
+
+
+def _noncontig(x: torch.Tensor) -> torch.Tensor:
+    # same values, strides of a (b, h, s, d) tensor seen through transpose
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def ring_case(spec: dict) -> dict:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    q, k, v, dout = make_inputs(spec)
+    layout = spec["layout"]
+    sh = lambda x: ringattn.shard(x, layout, rank=rank, world_size=world).clone()
+    ql, kl, vl, dl = (sh(t) for t in (q, k, v, dout))
+    if spec.get("noncontig"):
+        ql, kl, vl = (_noncontig(t) for t in (ql, kl, vl))
+    ql, kl, vl = (t.requires_grad_() for t in (ql, kl, vl))
+    with ringattn.count_comm() as counter:
+        out, lse = ringattn.ring_attention(
+            ql,
+            kl,
+            vl,
+            causal=spec["causal"],
+            softmax_scale=spec.get("scale"),
+            layout=layout,
+            return_lse=True,
+            kernel=_kernel(spec),
+        )
+        fwd_calls = dict(counter.calls)
+        out.backward(dl)
+    return {
+        "out": out.detach(),
+        "lse": lse,
+        "dq": ql.grad,
+        "dk": kl.grad,
+        "dv": vl.grad,
+        "fwd_calls": fwd_calls,
+        "calls": dict(counter.calls),
+        "bytes": dict(counter.bytes),
+        "out_dtype": out.dtype,
+        "out_shape": tuple(out.shape),
+    }
+
+
+def raise_case(spec: dict):
+    """Calls ring_attention with inputs that some ranks get wrong (spec['bad'])."""
+    rank = dist.get_rank()
+    s_local = spec["s_local"] + (1 if rank in spec.get("longer_on", ()) else 0)
+    hk = spec.get("hk", 2)
+    if rank in spec.get("bad_heads_on", ()):
+        hk = 3
+    q = torch.randn(1, s_local, 4, 8)
+    k = torch.randn(1, s_local, hk, 8)
+    return ringattn.ring_attention(
+        q, k, k.clone(), causal=True, layout=spec.get("layout", "zigzag")
+    )
+
+
+def die_case(spec: dict):
+    """Rank spec['victim'] raises before its first transfer; the others must not hang."""
+    rank = dist.get_rank()
+    q = torch.randn(1, 8, 2, 8)
+    if rank == spec["victim"]:
+        # a rank failing after the collective checks, mid-forward, from user code
+        import ringattn.ring as ring_mod
+
+        orig = ring_mod.ring_forward
+
+        def boom(*a, **kw):
+            raise RuntimeError("simulated failure on this rank")
+
+        ring_mod.ring_forward = boom
+        try:
+            return ringattn.ring_attention(q, q, q, causal=True)
+        finally:
+            ring_mod.ring_forward = orig
+    return ringattn.ring_attention(q, q, q, causal=True)
+
+
+def barrier_case(spec: dict) -> int:
+    dist.barrier()
+    return dist.get_rank()
