@@ -14,6 +14,7 @@ rank), which tests assert on and benchmarks report.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ class CommError(RuntimeError):
 class CommCounter:
     calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    wait_s: float = 0.0  # time blocked in Pending.wait (communication not hidden by compute)
 
     def add(self, kind: str, nbytes: int) -> None:
         self.calls[kind] += 1
@@ -76,11 +78,15 @@ class Pending:
         self._works, self._recv, self._where = works, recv, where
 
     def wait(self) -> list[torch.Tensor]:
+        t0 = time.perf_counter()
         for w in self._works:
             try:
                 w.wait()
             except Exception as e:  # gloo: peer closed or timed out; NCCL: watchdog
                 raise CommError(f"{self._where} failed: {e}") from e
+        if self._works:
+            for c in _COUNTERS:
+                c.wait_s += time.perf_counter() - t0
         return self._recv
 
 
@@ -127,11 +133,16 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 
 def _check(where: str, fn, *args, **kw):
+    """Run a blocking collective; its whole duration counts as communication wait."""
+    t0 = time.perf_counter()
     try:
-        return fn(*args, **kw)
+        res = fn(*args, **kw)
     except Exception as e:
         rank = dist.get_rank() if dist.is_initialized() else 0
         raise CommError(f"global rank {rank}: {where} failed: {e}") from e
+    for c in _COUNTERS:
+        c.wait_s += time.perf_counter() - t0
+    return res
 
 
 def _all_gather_raw(x: torch.Tensor, dim: int, group) -> torch.Tensor:
@@ -140,7 +151,8 @@ def _all_gather_raw(x: torch.Tensor, dim: int, group) -> torch.Tensor:
         return x
     x = x.movedim(dim, 0).contiguous()
     out = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    _record("all_gather", _nbytes([x]))
+    # a ring all-gather forwards W-1 parts of this size: that is what each rank sends
+    _record("all_gather", _nbytes([x]) * (world - 1))
     _check("all_gather", _all_gather_single, out, x, group=group)
     return out.movedim(0, dim)
 
@@ -168,6 +180,35 @@ def _all_to_all_raw(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -
     _record("all_to_all", _nbytes([inp]) * (world - 1) // world)
     _check("all_to_all", dist.all_to_all_single, out, inp, group=group)
     return torch.cat(out.unbind(0), dim=gather_dim)
+
+
+def all_gather_async(x: torch.Tensor, *, group=None, what: str = "all_gather") -> Pending:
+    """Post an all-gather of ``x`` (n, ...) along dim 0; ``wait()`` returns [(W*n, ...)].
+
+    Not differentiable: for autograd functions that write their own backward (all-gather
+    attention posts this, computes its local block, then waits).
+    """
+    _, world = world_of(group)
+    if world == 1:
+        return Pending([], [x], "")
+    x = x.contiguous()
+    out = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    _record(what, _nbytes([x]) * (world - 1))
+    work = _check(what, _all_gather_single, out, x, group=group, async_op=True)
+    return Pending([work], [out], f"rank {dist.get_rank(group)}: {what}")
+
+
+def reduce_scatter_async(x: torch.Tensor, *, group=None, what: str = "reduce_scatter") -> Pending:
+    """Post a sum-reduce-scatter of ``x`` (W*n, ...) along dim 0; ``wait()`` returns [(n, ...)]
+    (this rank's part of the sum over ranks). Not differentiable, like all_gather_async."""
+    _, world = world_of(group)
+    if world == 1:
+        return Pending([], [x], "")
+    x = x.contiguous()
+    out = torch.empty((x.shape[0] // world, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    _record(what, _nbytes([x]) * (world - 1) // world)
+    work = _check(what, _reduce_scatter_single, out, x, group=group, async_op=True)
+    return Pending([work], [out], f"rank {dist.get_rank(group)}: {what}")
 
 
 class _AllGather(torch.autograd.Function):

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``ringattn bench``: JSON lines plus a readable table."""
