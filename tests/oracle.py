@@ -58,8 +58,8 @@ def grads(q, k, v, dout, **kw):
 
 def rel_err(x, ref) -> float:
     """max |x - ref| / max |ref| (0-safe), both promoted to float64."""
-    ref = ref.double()
-    x = x.double()
+    ref = ref.detach().double()
+    x = x.detach().double()
     finite = torch.isfinite(ref)
     if not torch.equal(finite, torch.isfinite(x)):
         return float("inf")

@@ -114,3 +114,16 @@ def die_case(spec: dict):
 def barrier_case(spec: dict) -> int:
     dist.barrier()
     return dist.get_rank()
+
+
+def unshard_case(spec: dict) -> dict:
+    """unshard restores global order and its backward sums every rank's gradient."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, spec["s"], 3, generator=g)
+    w = torch.randn(2, spec["s"], 3, generator=g)  # same weights everywhere
+    local = ringattn.shard(x, spec["layout"], rank=rank, world_size=world).clone()
+    local.requires_grad_()
+    full = ringattn.unshard(local, spec["layout"])
+    ((full * w).sum() * (rank + 1)).backward()  # rank-dependent loss: grads must be summed
+    return {"full": full.detach(), "grad": local.grad, "x": x, "w": w}
