@@ -29,30 +29,48 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def attend_(out_t, lse, q_t, k_t, v_t, works, kernel: Kernel, scale: float) -> None:
+    """Attend queries to one K/V block for each scheduled pair and merge into (out, lse).
+
+    out_t (b, h, n, d) and lse (b, h, n) are fp32 accumulators (views are fine); q_t, k_t,
+    v_t are (b, h[_kv], s, d) views; ``works`` are BlockWork slices into them.
+    """
+    for w in works:
+        o_b, lse_b = kernel.forward(
+            q_t[:, :, w.q], k_t[:, :, w.kv], v_t[:, :, w.kv],
+            causal=w.causal, scale=scale, mask=w.mask,
+        )  # fmt: skip
+        merge_(out_t[:, :, w.q], lse[:, :, w.q], o_b, lse_b)
+
+
+def attend_backward_(
+    dq_t, dk_t, dv_t, do_t, q_t, k_t, v_t, o_t, lse, works, kernel: Kernel, scale: float
+) -> None:
+    """Add each scheduled pair's gradients into dq_t and dk_t/dv_t (fp32 views), using the
+    FINAL out and lse of the query rows (exact per block)."""
+    for w in works:
+        dq_b, dk_b, dv_b = kernel.backward(
+            do_t[:, :, w.q], q_t[:, :, w.q], k_t[:, :, w.kv], v_t[:, :, w.kv],
+            o_t[:, :, w.q], lse[:, :, w.q], causal=w.causal, scale=scale, mask=w.mask,
+        )  # fmt: skip
+        dq_t[:, :, w.q] += dq_b
+        dk_t[:, :, w.kv] += dk_b
+        dv_t[:, :, w.kv] += dv_b
+
+
 def ring_forward(q, k, v, *, scale: float, plan: RingPlan, ring: Ring, kernel: Kernel):
     """q (b, n, h, d), k/v (b, n, h_kv, d) -> out (b, n, h, d) fp32, lse (b, h, n) fp32."""
     b, n, h, _ = q.shape
     acc = acc_dtype(q.dtype)
     out = torch.zeros(b, n, h, v.shape[3], dtype=acc, device=q.device)
     lse = torch.full((b, h, n), float("-inf"), dtype=acc, device=q.device)
-    out_t, q_t = _bhsd(out), _bhsd(q)
     kv = [k.contiguous(), v.contiguous()]
     n_steps = len(plan)
     for step, works in enumerate(plan):
         pending = None
         if step < n_steps - 1:
             pending = ring.exchange(kv, f"k/v at forward step {step}")
-        k_t, v_t = _bhsd(kv[0]), _bhsd(kv[1])
-        for w in works:
-            o_b, lse_b = kernel.forward(
-                q_t[:, :, w.q],
-                k_t[:, :, w.kv],
-                v_t[:, :, w.kv],
-                causal=w.causal,
-                scale=scale,
-                mask=w.mask,
-            )
-            merge_(out_t[:, :, w.q], lse[:, :, w.q], o_b, lse_b)
+        attend_(_bhsd(out), lse, _bhsd(q), _bhsd(kv[0]), _bhsd(kv[1]), works, kernel, scale)
         if pending is not None:
             kv = pending.wait()
     return out, lse
@@ -62,9 +80,7 @@ def ring_backward(
     dout, q, k, v, out, lse, *, scale: float, plan: RingPlan, ring: Ring, kernel: Kernel
 ):
     """Gradients for q (b, n, h, d) and this rank's own k, v (b, n, h_kv, d), all fp32."""
-    q_t, do_t, o_t = _bhsd(q), _bhsd(dout), _bhsd(out)
     dq = torch.zeros(q.shape, dtype=acc_dtype(q.dtype), device=q.device)
-    dq_t = _bhsd(dq)
     kv = [k.contiguous(), v.contiguous()]
     n_steps = len(plan)
     pending_dkv = None
@@ -72,33 +88,20 @@ def ring_backward(
         pending_kv = None
         if step < n_steps - 1:
             pending_kv = ring.exchange(kv, f"k/v at backward step {step}")
-        k_t, v_t = _bhsd(kv[0]), _bhsd(kv[1])
-        # compute first, so the dK/dV of the previous step are still in flight meanwhile
-        grads = [
-            (
-                w,
-                kernel.backward(
-                    do_t[:, :, w.q],
-                    q_t[:, :, w.q],
-                    k_t[:, :, w.kv],
-                    v_t[:, :, w.kv],
-                    o_t[:, :, w.q],
-                    lse[:, :, w.q],
-                    causal=w.causal,
-                    scale=scale,
-                    mask=w.mask,
-                ),
-            )
-            for w in works
-        ]
-        if pending_dkv is None:  # step 0: start the accumulators of our own block
-            acc = [torch.zeros(t.shape, dtype=dq.dtype, device=t.device) for t in kv]
+        # this step's share of the held block's dK/dV, computed before waiting for the
+        # accumulators of earlier ranks, so their transfer overlaps this compute
+        part = [torch.zeros(t.shape, dtype=dq.dtype, device=t.device) for t in kv]
+        attend_backward_(
+            _bhsd(dq), _bhsd(part[0]), _bhsd(part[1]), _bhsd(dout), _bhsd(q),
+            _bhsd(kv[0]), _bhsd(kv[1]), _bhsd(out), lse, works, kernel, scale,
+        )  # fmt: skip
+        if pending_dkv is None:  # step 0: our own block, nobody else has touched it yet
+            acc = part
         else:
             acc = pending_dkv.wait()
-        for w, (dq_b, dk_b, dv_b) in grads:
-            dq_t[:, :, w.q] += dq_b
-            _bhsd(acc[0])[:, :, w.kv] += dk_b
-            _bhsd(acc[1])[:, :, w.kv] += dv_b
+            if works:
+                acc[0] += part[0]
+                acc[1] += part[1]
         # The accumulators follow their block to rank+1; after the last step the block held
         # here started on rank r-(T-1), so the final hop goes straight home (shift 1-T = +1
         # when the ring runs all W steps).
