@@ -8,7 +8,7 @@ USAGE = """usage: ringattn <command> [options]
 
 commands:
   train       train the LLaMA-style model with context parallelism (TOML + overrides)
-  bench       benchmarks: `ringattn bench attention ...` (JSON lines + table)
+  bench       benchmarks: attention|scaling|weak|memory|layouts|peers|calibrate|all
   plan        planner: block size, memory, longest context (`--help`)
   simulate    discrete-event ring simulator (`--help`)
   demo        the main job on 4 local CPU ranks (what `make demo` runs)
@@ -23,12 +23,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "bench":
-        if not rest or rest[0] != "attention":
-            print("usage: ringattn bench attention [options]  (see --help)")
-            return 2
-        from .bench.attention import main as bench_attention
+        from .bench.cli import bench_main
 
-        return bench_attention(rest[1:])
+        return bench_main(rest)
     if cmd == "check":
         from .bench.check import main as check
 

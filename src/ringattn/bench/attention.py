@@ -12,42 +12,22 @@ more CPU than one process doing the whole problem.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import resource
 import sys
-import time
 
 import torch
-import torch.nn.functional as F
 
 from ..comm import count_comm
 from ..launch import init_distributed, launch
 from ..layouts import shard
 from ..schedule import attention_flops
+from .common import DTYPES, ReferenceCache, clock, make_inputs, markdown_table, sdpa_reference
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _inputs(row: dict, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    b, s, h, hk, d = row["batch"], row["seq"], row["heads"], row["kv_heads"], row["head_dim"]
-    dt = DTYPES[row["dtype"]]
-    q = torch.randn(b, s, h, d, generator=g).to(dt)
-    k = torch.randn(b, s, hk, d, generator=g).to(dt)
-    v = torch.randn(b, s, hk, d, generator=g).to(dt)
-    do = torch.randn(b, s, h, d, generator=g).to(dt)
-    return q, k, v, do
-
-
-@contextlib.contextmanager
-def _clock(into: dict, key: str):
-    """Wall time into[key + '_s'] and this process's CPU time into[key + '_cpu_s']."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    yield
-    into[f"{key}_s"] = time.perf_counter() - t0
-    into[f"{key}_cpu_s"] = time.process_time() - c0
+# Kept under their old names: other code may still import them from here.
+_inputs, _clock, _sdpa_reference = make_inputs, clock, sdpa_reference
+__all__ = ["DTYPES", "measure", "summarize", "table", "time_rows"]
 
 
 def _attention_fn(strategy: str):
@@ -63,15 +43,17 @@ def _attention_fn(strategy: str):
     return run
 
 
-def _rank_main(rows: list[dict], repeats: int, threads: int) -> list[dict]:
-    """Runs on every rank: time each row, return per-rank measurements."""
-    import torch.distributed as dist
+def time_rows(rows: list[dict], repeats: int, rank: int, world: int, barrier) -> list[dict]:
+    """Time each row on this rank (``barrier()`` lines the ranks up before each clock).
 
-    rank, world, _ = init_distributed(threads=threads, device="cpu")
+    Used by every rank of a launched group and, for ``world == 1``, in the parent itself
+    (a one-rank ring, no process group). Returns this rank's best repeat per row.
+    """
     out = []
     for row in rows:
         q, k, v, do = (
-            shard(t, row["layout"], rank=rank, world_size=world).contiguous() for t in _inputs(row)
+            shard(t, row["layout"], rank=rank, world_size=world).contiguous()
+            for t in make_inputs(row)
         )
         attn = _attention_fn(row["strategy"])
         kw = dict(causal=row["causal"], layout=row["layout"], kernel=row["kernel"])
@@ -83,14 +65,14 @@ def _rank_main(rows: list[dict], repeats: int, threads: int) -> list[dict]:
                 "cpu", (world // u, u), mesh_dim_names=("ring", "ulysses")
             )
         best = None
-        for _ in range(repeats + 1):  # the first run warms up
+        for _ in range(repeats + 1):  # the first run warms up (gloo connects pairs lazily)
             ql, kl, vl = (t.clone().requires_grad_() for t in (q, k, v))
             m: dict = {}
-            dist.barrier()
-            with count_comm() as c_fwd, _clock(m, "fwd"):
+            barrier()
+            with torch.no_grad(), count_comm() as c_fwd, clock(m, "fwd"):
                 attn(ql.detach(), kl.detach(), vl.detach(), **kw)
-            dist.barrier()
-            with count_comm() as c_all, _clock(m, "fwdbwd"):
+            barrier()
+            with count_comm() as c_all, clock(m, "fwdbwd"):
                 attn(ql, kl, vl, **kw).backward(do)
             m.update(
                 wait_fwd_s=c_fwd.wait_s,
@@ -105,20 +87,36 @@ def _rank_main(rows: list[dict], repeats: int, threads: int) -> list[dict]:
     return out
 
 
-def _sdpa_reference(row: dict, repeats: int) -> dict:
-    q, k, v, do = (t.transpose(1, 2) for t in _inputs(row))  # (b, h, s, d) views
-    kw = dict(is_causal=row["causal"], enable_gqa=row["heads"] != row["kv_heads"])
-    best = None
-    for _ in range(repeats + 1):
-        ql, kl, vl = (t.detach().clone().requires_grad_() for t in (q, k, v))
-        m: dict = {}
-        with _clock(m, "fwd"):
-            F.scaled_dot_product_attention(q, k, v, **kw)
-        with _clock(m, "fwdbwd"):
-            F.scaled_dot_product_attention(ql, kl, vl, **kw).backward(do)
-        if best is None or m["fwdbwd_s"] < best["fwdbwd_s"]:
-            best = m
-    return best
+def _rank_main(rows: list[dict], repeats: int, threads: int) -> list[dict]:
+    """Runs on every rank: join the group, time each row, return per-rank measurements."""
+    import torch.distributed as dist
+
+    rank, world, _ = init_distributed(threads=threads, device="cpu")
+    return time_rows(rows, repeats, rank, world, dist.barrier)
+
+
+def measure(
+    rows: list[dict], repeats: int = 1, threads: int = 1, reference: bool = True, on_row=None
+) -> list[dict]:
+    """Run ``rows`` (any mix of world sizes): one launch of W local gloo ranks per W (W = 1
+    runs here, without a process group), plus the single-process SDPA reference of each
+    global problem, timed once per problem in this process. Returns summarized rows in
+    launch order; ``on_row(row)`` sees each as soon as it is ready."""
+    torch.set_num_threads(threads)
+    ref = ReferenceCache(repeats) if reference else None
+    results = []
+    for w in sorted({r["world"] for r in rows}):
+        mine = [r for r in rows if r["world"] == w]
+        if w == 1:
+            per_rank = {0: time_rows(mine, repeats, 0, 1, lambda: None)}
+        else:
+            per_rank = launch(_rank_main, w, mine, repeats, threads)
+        for i, row in enumerate(mine):
+            res = summarize(row, [per_rank[r][i] for r in range(w)], ref(row) if ref else None)
+            results.append(res)
+            if on_row is not None:
+                on_row(res)
+    return results
 
 
 def summarize(row: dict, ranks: list[dict], ref: dict | None) -> dict:
@@ -161,6 +159,12 @@ def summarize(row: dict, ranks: list[dict], ref: dict | None) -> dict:
             (f + bf) / r["fwdbwd_cpu_s"] for f, bf, r in zip(flops, bflops, ranks)
         )
         / 1e12,
+        # per rank, in rank order: what scaling and layout tables are made of
+        fwd_cpu_per_rank=[r["fwd_cpu_s"] for r in ranks],
+        fwdbwd_cpu_per_rank=[r["fwdbwd_cpu_s"] for r in ranks],
+        fwdbwd_wall_per_rank=[r["fwdbwd_s"] for r in ranks],
+        fwdbwd_cpu_max_s=max(r["fwdbwd_cpu_s"] for r in ranks),
+        flops_fwdbwd_per_rank=[f + bf for f, bf in zip(flops, bflops)],
     )
     if ref is not None:
         res.update({f"sdpa_{k}": v for k, v in ref.items()})
@@ -188,19 +192,14 @@ COLUMNS = [
 ]
 
 
-def table(rows: list[dict]) -> str:
-    def cell(r, key, fmt):
-        v = r.get(key)
-        if v is None:
-            return "-"
-        if key == "bytes_sent_fwdbwd":
-            return f"{v / 2**20:.1f}"
-        return fmt.format(v)
+def _mb(r: dict) -> str:
+    v = r.get("bytes_sent_fwdbwd")
+    return "-" if v is None else f"{v / 2**20:.1f}"
 
-    head = "| " + " | ".join(h for _, h, _ in COLUMNS) + " |"
-    sep = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    body = ["| " + " | ".join(cell(r, k, f) for k, _, f in COLUMNS) + " |" for r in rows]
-    return "\n".join([head, sep, *body])
+
+def table(rows: list[dict]) -> str:
+    cols = [(k, h, _mb if k == "bytes_sent_fwdbwd" else f) for k, h, f in COLUMNS]
+    return markdown_table(rows, cols)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -256,19 +255,15 @@ def rows_for(args) -> list[dict]:
 
 def main(argv: list[str]) -> int:
     args = parse(argv)
-    torch.set_num_threads(args.threads)
-    rows = rows_for(args)
-    results = []
     sink = open(args.out, "a") if args.out else sys.stdout  # noqa: SIM115
     try:
-        for w in sorted({r["world"] for r in rows}):
-            mine = [r for r in rows if r["world"] == w]
-            per_rank = launch(_rank_main, w, mine, args.repeats, args.threads)
-            for i, row in enumerate(mine):
-                ref = None if args.no_reference else _sdpa_reference(row, args.repeats)
-                res = summarize(row, [per_rank[r][i] for r in range(w)], ref)
-                results.append(res)
-                print(json.dumps(res), file=sink, flush=True)
+        results = measure(
+            rows_for(args),
+            args.repeats,
+            args.threads,
+            reference=not args.no_reference,
+            on_row=lambda res: print(json.dumps(res), file=sink, flush=True),
+        )
     finally:
         if args.out:
             sink.close()

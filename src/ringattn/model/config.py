@@ -57,16 +57,19 @@ PRESETS: dict[str, ModelConfig] = {
     # CPU-sized: trains on the retrieval task in minutes on 4 gloo ranks.
     "tiny": ModelConfig(vocab_size=256, dim=128, n_layers=2, n_heads=4, n_kv_heads=2),
     # Shapes of the LLaMA models the Ring Attention paper evaluates (vocab 32K, MHA).
-    "llama-3b": ModelConfig(vocab_size=32000, dim=3200, n_layers=26, n_heads=32,
-                            ffn_hidden=8640),
-    "llama-7b": ModelConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32,
-                            ffn_hidden=11008),
-    "llama-13b": ModelConfig(vocab_size=32000, dim=5120, n_layers=40, n_heads=40,
-                             ffn_hidden=13824),
-    "llama-30b": ModelConfig(vocab_size=32000, dim=6656, n_layers=60, n_heads=52,
-                             ffn_hidden=17920),
-    "llama3-8b": ModelConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32,
-                             n_kv_heads=8, ffn_hidden=14336, rope_theta=500000.0),
+    "llama-3b": ModelConfig(vocab_size=32000, dim=3200, n_layers=26, n_heads=32, ffn_hidden=8640),
+    "llama-7b": ModelConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, ffn_hidden=11008),
+    "llama-13b": ModelConfig(vocab_size=32000, dim=5120, n_layers=40, n_heads=40, ffn_hidden=13824),
+    "llama-30b": ModelConfig(vocab_size=32000, dim=6656, n_layers=60, n_heads=52, ffn_hidden=17920),
+    "llama3-8b": ModelConfig(
+        vocab_size=128256,
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        ffn_hidden=14336,
+        rope_theta=500000.0,
+    ),
 }
 
 

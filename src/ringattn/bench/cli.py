@@ -1,0 +1,66 @@
+"""``ringattn bench <what>``: dispatch to the benchmark modules, and ``all`` to run them in turn.
+
+Each command writes JSON lines (``--out``, appended), prints a markdown table on stdout and
+draws a PNG with ``--png``. Modules are imported only when their command runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, entry point, one line of help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "attention": ("attention", "main", "ring vs single-process SDPA at given W, seq, layout"),
+    "scaling": ("scaling", "strong_main", "strong scaling: time vs global seq, SDPA and W=2,4,8"),
+    "weak": ("scaling", "weak_main", "weak scaling: W and seq doubled together"),
+    "memory": ("memory", "main", "per-rank peak memory vs seq and W; max context vs W"),
+    "layouts": ("layouts", "main", "causal: per-rank FLOPs and time, contiguous/zigzag/striped"),
+    "peers": ("peers", "main", "ring-attention-pytorch, torch native CP, flash libs: ratios"),
+    "calibrate": ("calibrate", "main", "measure kernel and gloo rates; simulator vs measured"),
+    # "train": the trainer's tokens/s, TFLOP/s per rank and MFU -- hook for ringattn.train,
+    # add ("<module>", "<entry>", "...") here once it exposes a benchmark entry point.
+}
+
+# ``all``: every command at its small defaults, outputs under one folder.
+ALL_ORDER = ("calibrate", "scaling", "weak", "memory", "layouts", "peers")
+
+USAGE = (
+    "usage: ringattn bench {"
+    + "|".join([*COMMANDS, "all"])
+    + "} [options]\n\n"
+    + "\n".join(f"  {name:<10} {help_}" for name, (_, _, help_) in COMMANDS.items())
+    + "\n  all        each of the above at its defaults: --dir DIR (default runs/bench)"
+)
+
+
+def _entry(name: str):
+    mod, fn, _ = COMMANDS[name]
+    return getattr(importlib.import_module(f"ringattn.bench.{mod}"), fn)
+
+
+def run_all(argv: list[str]) -> int:
+    """``bench all [--dir DIR]``: JSON, PNG and markdown of each command under DIR."""
+    out_dir = "runs/bench"
+    if argv[:1] == ["--dir"] and len(argv) > 1:
+        out_dir = argv[1]
+    status = 0
+    for name in ALL_ORDER:
+        print(f"\n## ringattn bench {name}\n", flush=True)
+        args = ["--out", f"{out_dir}/{name}.jsonl", "--png", f"{out_dir}/{name}.png"]
+        args += ["--md", f"{out_dir}/{name}.md"]
+        status |= _entry(name)(args)
+    return status
+
+
+def bench_main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name == "all":
+        return run_all(rest)
+    if name not in COMMANDS:
+        print(f"unknown benchmark {name!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    return _entry(name)(rest)

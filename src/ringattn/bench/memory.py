@@ -1,0 +1,437 @@
+"""``ringattn bench memory``: per-rank peak memory of attention fwd+bwd vs sequence and W, and
+the longest context a fixed per-rank budget allows, measured and from the planner.
+
+How memory is measured (CPU has no allocator statistics):
+
+* **live tensor bytes** (the primary number): a ``TorchDispatchMode`` sees every tensor an
+  op returns inside the measured call, counts its storage once, and subtracts it when the
+  storage is freed (a weakref callback on the storage). The peak of that sum is the largest
+  set of tensors alive at once: outputs, gradients, fp32 accumulators, received K/V and
+  dK/dV buffers, masks. Not seen: scratch memory a fused kernel allocates internally in C++
+  (the CPU flash kernel's per-thread tiles, ~(q tile x kv tile) floats, well under 1 MB).
+  The inputs (q, k, v, dout shards) exist before the call and are added separately.
+* **peak RSS growth** (the cross-check, includes kernel scratch and allocator slack): the
+  kernel's high-water mark is reset (``/proc/self/clear_refs``) before the call, and glibc is
+  told to serve every allocation above 64 KiB by mmap so freed tensors leave RSS at once;
+  growth = VmHWM after - VmRSS before. Page-granular and noisier; Linux only.
+
+Both are per process, i.e. per rank; a row reports the largest rank. The ring's per-rank
+memory depends on the local block ``s / W`` only, so for a fixed budget the longest context
+grows linearly in W. ``max context`` rows fit ``peak = a * seq + b`` per W on the measured
+points and solve for the budget, next to the planner's ``max_context`` for a model preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from ..launch import init_distributed, launch
+from ..layouts import shard
+from ..ring import ring_attention
+from .common import (
+    DTYPE_BYTES,
+    add_output_args,
+    block_bytes,
+    machine,
+    machine_line,
+    make_inputs,
+    markdown_table,
+    problem,
+    pyplot,
+    report,
+    save,
+)
+
+MB = 2**20
+
+
+class LiveBytes(TorchDispatchMode):
+    """Tracks bytes of tensor storages created inside the mode: ``live`` now, ``peak`` max."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._sizes: dict[int, int] = {}  # storage data_ptr -> nbytes, while alive
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        # Views and in-place results alias an input: no new memory. (Their storage may also
+        # predate the mode, e.g. a view of an input, and must not be counted as new.)
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        }
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self._track(t)
+        return out
+
+    def _track(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        key, n = st.data_ptr(), st.nbytes()
+        if n == 0 or key in self._sizes:  # views and in-place results share a storage
+            return
+        self._sizes[key] = n
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        # storages keep their Python object while the C++ storage lives, so this fires
+        # when the memory is actually released
+        weakref.finalize(st, self._free, key, n)
+
+    def _free(self, key: int, n: int) -> None:
+        if self._sizes.pop(key, None) is not None:
+            self.live -= n
+
+
+def _proc_status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def prepare_rss() -> bool:
+    """mmap every allocation above 64 KiB (glibc) so RSS follows live memory; False if the
+    platform cannot (then RSS growth is reported as None)."""
+    try:
+        ok = ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+        return bool(ok) and _proc_status_mb("VmHWM") is not None
+    except (OSError, AttributeError):
+        return False
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def measure_call(fn, rss: bool) -> dict:
+    """Run ``fn()`` once; peak extra live tensor bytes and peak RSS growth (MB or None)."""
+    can_rss = rss and _reset_hwm()
+    before = _proc_status_mb("VmRSS") if can_rss else None
+    with LiveBytes() as live:
+        fn()
+    growth = None
+    if before is not None:
+        growth = _proc_status_mb("VmHWM") - before
+    return dict(peak_live_mb=live.peak / MB, rss_growth_mb=growth)
+
+
+def _ring_call(row: dict, rank: int, world: int):
+    q, k, v, do = (
+        shard(t, row["layout"], rank=rank, world_size=world).contiguous() for t in make_inputs(row)
+    )
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    inputs_mb = sum(t.numel() * t.element_size() for t in (q, k, v, do)) / MB
+
+    def call() -> None:
+        ring_attention(q, k, v, causal=row["causal"], layout=row["layout"]).backward(do)
+
+    return call, inputs_mb
+
+
+def _sdpa_call(row: dict):
+    q, k, v, do = (t.transpose(1, 2) for t in make_inputs(row))  # (b, h, s, d)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    inputs_mb = sum(t.numel() * t.element_size() for t in (q, k, v, do)) / MB
+    gqa = row["heads"] != row["kv_heads"]
+
+    def call() -> None:
+        F.scaled_dot_product_attention(q, k, v, is_causal=row["causal"], enable_gqa=gqa).backward(
+            do
+        )
+
+    return call, inputs_mb
+
+
+def _warm_up(layout: str) -> None:
+    """A tiny ring call: connects gloo pairs and runs one-time lazy initialisation."""
+    t = torch.randn(1, 4, 1, 8, requires_grad=True)
+    ring_attention(t, t, t, causal=True, layout=layout).sum().backward()
+
+
+def measure_rows(rows: list[dict], rank: int, world: int) -> list[dict]:
+    """This rank's memory per row (ring rows; ``impl == 'sdpa'`` rows in one process)."""
+    rss = prepare_rss()
+    _warm_up(rows[0]["layout"])
+    # the first full-size call also grows thread-local arenas and lazy state once: run the
+    # first row untracked so RSS growth measures the call, not the process warming up
+    first = rows[0]
+    (_sdpa_call(first) if first["impl"] == "sdpa" else _ring_call(first, rank, world))[0]()
+    out = []
+    for row in rows:
+        call, inputs_mb = _sdpa_call(row) if row["impl"] == "sdpa" else _ring_call(row, rank, world)
+        out.append(dict(measure_call(call, rss), inputs_mb=inputs_mb))
+    return out
+
+
+def _rank_main(rows: list[dict]) -> list[dict]:
+    rank, world, _ = init_distributed(threads=1, device="cpu")
+    return measure_rows(rows, rank, world)
+
+
+def planner_attention_mb(row: dict) -> float:
+    """The planner's ring working set for this shape: the paper's 6 blocks (q, k, v, out and
+    the incoming k, v; GQA shrinks k, v), ``b c (2 h + 4 h_kv) d`` elements."""
+    c = row["seq"] // row["world"]
+    elems = row["batch"] * c * (2 * row["heads"] + 4 * row["kv_heads"]) * row["head_dim"]
+    return elems * DTYPE_BYTES[row["dtype"]] / MB
+
+
+def summarize(row: dict, ranks: list[dict]) -> dict:
+    peak = max(r["peak_live_mb"] for r in ranks)
+    inputs = max(r["inputs_mb"] for r in ranks)
+    growth = [r["rss_growth_mb"] for r in ranks if r["rss_growth_mb"] is not None]
+    return dict(
+        row,
+        kind="measure",
+        local_seq=row["seq"] // row["world"],
+        inputs_mb=inputs,
+        peak_extra_mb=peak,
+        peak_total_mb=inputs + peak,
+        rss_growth_mb=max(growth) if growth else None,
+        blocks=peak * MB / block_bytes(row),
+        planner_attention_mb=planner_attention_mb(row) if row["impl"] == "ring" else None,
+    )
+
+
+def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares ``y = a x + b``; one point gives the line through the origin."""
+    n = len(xs)
+    if n == 1:
+        return ys[0] / xs[0], 0.0
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    a = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    return a, my - a * mx
+
+
+def _linearity(rows: list[dict]) -> list[dict]:
+    """Add ``per_rank = max_seq / W`` and its ratio to the first row's (1.00 = linear in W)."""
+    first = next((r for r in rows if r["max_seq"] > 0), None)
+    for r in rows:
+        r["per_rank"] = r["max_seq"] / r["world"]
+        ok = first is not None and first["max_seq"] > 0
+        r["vs_linear"] = r["per_rank"] / (first["max_seq"] / first["world"]) if ok else None
+    return rows
+
+
+def max_context_rows(rows: list[dict], budget_mb: float, align: int = 1) -> list[dict]:
+    """Per (impl, W): fit peak_total_mb vs global seq, solve for the budget.
+
+    Linearity is judged from the smallest W > 1: a one-rank ring sends nothing, so it holds
+    no receive buffers and is not on the same line.
+    """
+    out = []
+    groups = sorted({(r["impl"], r["world"]) for r in rows if r.get("kind") == "measure"})
+    for impl, w in groups:
+        mine = sorted(
+            (
+                r
+                for r in rows
+                if r.get("kind") == "measure" and (r["impl"], r["world"]) == (impl, w)
+            ),
+            key=lambda r: r["seq"],
+        )
+        a, b = fit_line([r["seq"] for r in mine], [r["peak_total_mb"] for r in mine])
+        step = align * w
+        # (+1e-6: a solution on an exact multiple must not round down to the one below)
+        seq = int((budget_mb - b) / a + 1e-6) // step * step if a > 0 else 0
+        out.append(
+            dict(
+                kind="max_context",
+                source="measured fit" if impl == "ring" else "measured fit (SDPA)",
+                impl=impl,
+                world=w,
+                budget_mb=budget_mb,
+                mb_per_1k_tokens=a * 1024,
+                intercept_mb=b,
+                max_seq=max(seq, 0),
+            )
+        )
+    ring = [r for r in out if r["impl"] == "ring"]
+    _linearity([r for r in ring if r["world"] > 1])
+    return (
+        [r for r in ring if r["world"] == 1]
+        + [r for r in ring if r["world"] > 1]
+        + [r for r in out if r["impl"] != "ring"]
+    )
+
+
+def planner_rows(model: str, hardware: str, worlds: list[int], mem_mb: float | None) -> list[dict]:
+    """The planner's longest context (full training memory: states, activations, attention,
+    logits) for a model preset at cp = W, with the device memory overridden to ``mem_mb``."""
+    from ..model.config import get_preset
+    from ..plan.cost import max_context
+    from ..plan.hardware import get_hardware
+
+    cfg = get_preset(model)
+    hw = get_hardware(hardware, mem_bytes=mem_mb * MB if mem_mb else None)
+    out = [
+        dict(
+            kind="max_context",
+            source=f"planner: {model}, {hw.mem_bytes / MB:,.0f} MB/rank",
+            impl="ring",
+            world=w,
+            budget_mb=hw.mem_bytes / MB,
+            max_seq=max_context(cfg, hw, cp=w),
+        )
+        for w in worlds
+    ]
+    return _linearity(out)
+
+
+COLUMNS = [
+    ("impl", "impl", "{}"),
+    ("world", "W", "{}"),
+    ("seq", "global seq", "{}"),
+    ("local_seq", "tokens/rank", "{}"),
+    ("inputs_mb", "inputs MB", "{:.0f}"),
+    ("peak_extra_mb", "peak live MB (call)", "{:.1f}"),
+    ("blocks", "= q blocks", "{:.1f}"),
+    ("peak_total_mb", "inputs + peak MB", "{:.1f}"),
+    ("rss_growth_mb", "RSS growth MB", "{:.0f}"),
+    ("planner_attention_mb", "planner 6 blocks MB", "{:.1f}"),
+]
+
+CTX_COLUMNS = [
+    ("source", "source", "{}"),
+    ("impl", "impl", "{}"),
+    ("world", "W", "{}"),
+    ("budget_mb", "budget MB/rank", "{:.0f}"),
+    ("mb_per_1k_tokens", "MB per 1K global tokens", "{:.2f}"),
+    ("max_seq", "max context", "{:,}"),
+    ("per_rank", "max context / W", "{:,.0f}"),
+    ("vs_linear", "(max/W) / first", "{:.2f}"),
+]
+
+NOTES = (
+    "Per rank, largest rank, fwd+bwd of causal {layout} attention, {dtype}, {h} heads x {d}. "
+    "peak live: the most tensor bytes alive at once during the call, beyond its inputs "
+    "(q, k, v, dout); '= q blocks' divides by one local q block (b s/W h d). RSS growth: "
+    "peak resident memory growth during the call (includes kernel scratch, page-granular). "
+    "planner 6 blocks: the paper's ring working set the planner counts for this shape "
+    "(forward only; backward adds the fp32 dq, dk/dv accumulators and their in-flight copies)."
+)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    meas = [r for r in rows if r.get("kind") == "measure"]
+    for impl, w in sorted({(r["impl"], r["world"]) for r in meas}):
+        mine = sorted(
+            (r for r in meas if (r["impl"], r["world"]) == (impl, w)), key=lambda r: r["seq"]
+        )
+        label = "SDPA, 1 process" if impl == "sdpa" else f"ring W={w}"
+        style = "k--o" if impl == "sdpa" else "-o"
+        axes[0].plot(
+            [r["seq"] for r in mine], [r["peak_total_mb"] for r in mine], style, label=label
+        )
+    axes[0].set_xscale("log", base=2)
+    axes[0].set_yscale("log", base=2)
+    axes[0].set_xlabel("global sequence (tokens)")
+    axes[0].set_ylabel("peak MB per rank (inputs + live tensors)")
+    axes[0].set_title("per-rank peak memory, attention fwd+bwd", fontsize=9)
+    axes[0].legend(fontsize=8)
+    ctx = [r for r in rows if r.get("kind") == "max_context" and r["impl"] == "ring"]
+    for src in dict.fromkeys(r["source"] for r in ctx):
+        mine = sorted(
+            (r for r in ctx if r["source"] == src and r["max_seq"] > 0), key=lambda r: r["world"]
+        )
+        if not mine:
+            continue
+        line = axes[1].plot(
+            [r["world"] for r in mine], [r["max_seq"] for r in mine], "-o", label=src
+        )
+        w0, s0 = mine[-1]["world"], mine[-1]["max_seq"]
+        axes[1].plot(
+            [r["world"] for r in mine],
+            [s0 * r["world"] / w0 for r in mine],
+            ":",
+            color=line[0].get_color(),
+            lw=1,
+        )
+    ws = sorted({r["world"] for r in ctx})
+    if ws:
+        axes[1].set_xticks(ws, [str(w) for w in ws])
+    axes[1].set_xscale("log", base=2)
+    axes[1].set_yscale("log", base=2)
+    axes[1].set_xlabel("W (ranks)")
+    axes[1].set_ylabel("longest context (tokens)")
+    axes[1].set_title("longest context at a fixed per-rank budget (dotted: ~W)", fontsize=9)
+    axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    save(fig, path, machine_line(meas[0].get("machine") if meas else None))
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="ringattn bench memory", description=__doc__)
+    p.add_argument("--world", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--seq", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
+    p.add_argument("--layout", default="zigzag")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--no-sdpa", action="store_true", help="skip the single-process SDPA rows")
+    p.add_argument("--budget-mb", type=float, default=256.0, help="per-rank budget for max ctx")
+    p.add_argument("--plan-model", nargs="+", default=["tiny", "llama-7b"])
+    p.add_argument("--plan-hardware", default="a100-nvlink")
+    p.add_argument("--plan-world", type=int, nargs="+", default=[2, 4, 8, 16])
+    add_output_args(p, "memory")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+
+    def prob(w: int, s: int, impl: str) -> dict:
+        return problem(
+            world=w,
+            seq=s,
+            layout=args.layout,
+            causal=True,
+            dtype=args.dtype,
+            heads=args.heads,
+            head_dim=args.head_dim,
+            impl=impl,
+        )
+
+    rows = []
+    for w in sorted(args.world):
+        mine = [prob(w, s, "ring") for s in args.seq]
+        if w == 1:  # in this process: the one-rank ring, then single-process SDPA
+            mine += [] if args.no_sdpa else [prob(1, s, "sdpa") for s in args.seq]
+            per_rank = {0: measure_rows(mine, 0, 1)}
+        else:
+            per_rank = launch(_rank_main, w, mine)
+        rows += [summarize(r, [per_rank[k][i] for k in range(w)]) for i, r in enumerate(mine)]
+    m = machine()
+    rows = [dict(r, bench="memory", machine=m) for r in rows]
+    ctx = max_context_rows(rows, args.budget_mb, align=2 if args.layout == "zigzag" else 1)
+    for model in args.plan_model:
+        # the tiny model at the measured budget; real models at the hardware's own memory
+        mem = args.budget_mb if model == "tiny" else None
+        ctx += planner_rows(model, args.plan_hardware, args.plan_world, mem)
+    ctx = [dict(r, bench="memory", machine=m) for r in ctx]
+    tables = markdown_table(rows, COLUMNS) + "\n\n" + markdown_table(ctx, CTX_COLUMNS)
+    notes = NOTES.format(layout=args.layout, dtype=args.dtype, h=args.heads, d=args.head_dim)
+    report(rows + ctx, tables, args, notes)
+    if args.png:
+        plot(rows + ctx, args.png)
+    return 0

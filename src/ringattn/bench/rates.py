@@ -1,0 +1,158 @@
+"""What ``ringattn bench calibrate`` measures on this machine, as plain functions: kernel rates
+on one block, the exact kernel calls of a rank's schedule replayed without the ring, ring
+exchange times and the latency/bandwidth fit, and how much of a core a rank gets.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..comm import Ring
+from ..kernels import fused
+from ..plan.simulate import BWD_FLOPS_FACTOR
+from ..schedule import ring_plan
+from .common import DTYPES, best_of
+
+
+def kernel_rates(row: dict, block: int, repeats: int = 2) -> dict:
+    """Forward and backward FLOP/s of the CPU fused op on one full (non-causal) block."""
+    g = torch.Generator().manual_seed(0)
+    b, h, hk, d = row["batch"], row["heads"], row["kv_heads"], row["head_dim"]
+    dt = DTYPES[row["dtype"]]
+    q = torch.randn(b, h, block, d, generator=g).to(dt)
+    k, v = (torch.randn(b, hk, block, d, generator=g).to(dt) for _ in range(2))
+    do = torch.randn(b, h, block, d, generator=g).to(dt)
+    scale = d**-0.5
+    out, lse = fused.cpu_forward(q, k, v, causal=False, scale=scale)
+    # CPU time, not wall: on a shared machine wall time also counts waiting for a core
+    _, t_fwd = best_of(lambda: fused.cpu_forward(q, k, v, causal=False, scale=scale), repeats)
+    _, t_bwd = best_of(
+        lambda: fused.cpu_backward(do, q, k, v, out, lse, causal=False, scale=scale), repeats
+    )
+    fwd_flops = 4.0 * b * h * block * block * d
+    return dict(
+        block=block,
+        fwd_s=t_fwd,
+        bwd_s=t_bwd,
+        fwd_flops=fwd_flops / t_fwd,
+        bwd_flops=BWD_FLOPS_FACTOR * fwd_flops / t_bwd,
+    )
+
+
+def replay_rank(row: dict, rank: int, repeats: int = 1) -> dict:
+    """CPU seconds of exactly the kernel calls ``rank``'s schedule makes (fwd, bwd), here,
+    without communication, merges or accumulation: the ring's pure kernel time.
+
+    Sits between the simulator (FLOP-proportional: a half or causal block costs its share of
+    a full one) and the measured ring (kernels + LSE merges + gloo copies), so the error of
+    each can be told apart.
+    """
+    w, n = row["world"], row["seq"] // row["world"]
+    plan = ring_plan(row["layout"], row["causal"], rank, w, n)
+    g = torch.Generator().manual_seed(0)
+    b, h, hk, d = row["batch"], row["heads"], row["kv_heads"], row["head_dim"]
+    dt = DTYPES[row["dtype"]]
+    q, do = (torch.randn(b, h, n, d, generator=g).to(dt) for _ in range(2))
+    k, v = (torch.randn(b, hk, n, d, generator=g).to(dt) for _ in range(2))
+    scale = d**-0.5
+    works = [wk for step in plan for wk in step]
+    # each block's own (out, lse), so the backward sees realistic softmax statistics
+    fwd_res = [
+        fused.cpu_forward(
+            q[:, :, wk.q],
+            k[:, :, wk.kv],
+            v[:, :, wk.kv],
+            causal=wk.causal,
+            scale=scale,
+            mask=wk.mask,
+        )
+        for wk in works
+    ]
+
+    def fwd() -> None:
+        for wk in works:
+            fused.cpu_forward(
+                q[:, :, wk.q],
+                k[:, :, wk.kv],
+                v[:, :, wk.kv],
+                causal=wk.causal,
+                scale=scale,
+                mask=wk.mask,
+            )
+
+    def bwd() -> None:
+        for wk, (o, lse) in zip(works, fwd_res):
+            fused.cpu_backward(
+                do[:, :, wk.q],
+                q[:, :, wk.q],
+                k[:, :, wk.kv],
+                v[:, :, wk.kv],
+                o,
+                lse,
+                causal=wk.causal,
+                scale=scale,
+                mask=wk.mask,
+            )
+
+    _, t_fwd = best_of(fwd, repeats)
+    _, t_bwd = best_of(bwd, repeats)
+    return dict(fwd_cpu_s=t_fwd, bwd_cpu_s=t_bwd, fwdbwd_cpu_s=t_fwd + t_bwd)
+
+
+def time_exchanges(sizes: tuple[int, ...], repeats: int, barrier) -> list[float]:
+    """Best seconds of one ring exchange (send to rank+1, receive from rank-1) per size."""
+    ring = Ring(None)
+    out = []
+    for n in sizes:
+        half = max(n // 8, 1)  # float64 elements per tensor: K and V are n/2 bytes each
+        kv = [torch.zeros(half, dtype=torch.float64) for _ in range(2)]
+        ring.exchange(kv).wait()  # connects the pair, touches the buffers
+        best = float("inf")
+        for _ in range(repeats):
+            barrier()
+            t0 = time.perf_counter()
+            ring.exchange(kv).wait()
+            best = min(best, time.perf_counter() - t0)
+        out.append(best)
+    return out
+
+
+def fit_link(sizes: list[float], times: list[float]) -> tuple[float, float]:
+    """(latency_s, bytes/s) of ``t = latency + bytes / bandwidth``.
+
+    Latency is the time of the smallest message (a least-squares intercept over 64 B to 16
+    MiB is dominated by the large ones and can even go negative); the bandwidth is the
+    least-squares slope of the larger messages with that intercept held fixed.
+    """
+    pts = sorted(zip(sizes, times))
+    lat = pts[0][1]
+    rest = pts[1:] or pts
+    num = sum(x * (y - lat) for x, y in rest)
+    den = sum(x * x for x, _ in rest)
+    slope = num / den if den > 0 else 0.0
+    return lat, 1.0 / max(slope, 1e-18)
+
+
+def probe_share(seconds: float = 0.3) -> float:
+    """Fraction of a core one process gets right now: CPU time / wall time of a busy loop.
+
+    1.0 on an idle machine; less when other processes compete for the cores.
+    """
+    a = torch.randn(128, 128)
+    t0, c0 = time.perf_counter(), time.process_time()
+    while time.perf_counter() - t0 < seconds:
+        a = torch.tanh(a @ a)
+    return min(1.0, (time.process_time() - c0) / (time.perf_counter() - t0))
+
+
+def core_share(world: int, n_cores: int, probe: float | None = None) -> float:
+    """A rank's fraction of a core when ``world`` ranks run on ``n_cores`` cores.
+
+    Idle machine (``probe`` None or 1): ``min(1, cores / W)``. With a probe p < 1, the other
+    runnable processes are estimated as ``cores / p - 1`` and share the cores with the W ranks.
+    """
+    # p >= 0.98 cannot tell 0 from cores - 1 other processes: read it as an idle machine
+    background = 0.0 if probe is None or probe >= 0.98 else n_cores / max(probe, 1e-3) - 1.0
+    return min(1.0, n_cores / (world + background))

@@ -1,0 +1,348 @@
+"""``ringattn bench``: dispatch, tables and plots from fake rows, the calibration and memory
+arithmetic, and one small real run (``bench layouts`` on 2 gloo ranks)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from ringattn.bench import calibrate, layouts, memory, peers, scaling
+from ringattn.bench.cli import COMMANDS, bench_main
+from ringattn.bench.common import markdown_table, problem, read_rows, write_rows
+from ringattn.layouts import shard
+from ringattn.plan.hardware import Hardware
+from ringattn.plan.simulate import simulate
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+MACHINE = dict(cpu="test cpu", cores=2, torch="x", cuda=None, loadavg_1m=0.5)
+
+
+def _png_ok(path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8) == PNG_MAGIC
+
+
+# --- dispatch and output --------------------------------------------------------------------
+
+
+def test_bench_usage_and_unknown(capsys):
+    assert bench_main([]) == 0
+    out = capsys.readouterr().out
+    for name in (*COMMANDS, "all"):
+        assert name in out
+    assert bench_main(["nope"]) == 2
+
+
+@pytest.mark.parametrize("name", ["scaling", "weak", "memory", "layouts", "peers", "calibrate"])
+def test_each_command_has_help(name, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_main([name, "--help"])
+    assert e.value.code == 0
+    assert f"ringattn bench {name}" in capsys.readouterr().out
+
+
+def test_markdown_table_formats_and_missing():
+    rows = [dict(a=1, b=0.12345), dict(a=2)]
+    cols = [("a", "A", "{}"), ("b", "B", "{:.2f}"), ("c", "C", lambda r: f"x{r['a']}")]
+    lines = markdown_table(rows, cols).splitlines()
+    assert lines[0] == "| A | B | C |"
+    assert lines[1] == "|---|---|---|"
+    assert lines[2] == "| 1 | 0.12 | x1 |"
+    assert lines[3] == "| 2 | - | x2 |"
+
+
+def test_json_lines_append_round_trip(tmp_path):
+    path = tmp_path / "sub" / "rows.jsonl"
+    write_rows([dict(a=1)], str(path))
+    write_rows([dict(a=2, b=[1.5])], str(path))
+    assert read_rows(str(path)) == [dict(a=1), dict(a=2, b=[1.5])]
+    write_rows([dict(a=3)], "-")  # '-' writes nothing
+
+
+# --- fake measured rows -------------------------------------------------------------------
+
+
+def _ring_result(world: int, seq: int, cpu_per_rank: float, layout: str = "zigzag") -> dict:
+    """A row shaped like ``bench.attention.summarize``'s output."""
+    r = problem(world=world, seq=seq, layout=layout)
+    cpu = [cpu_per_rank * (1 + 0.1 * i) for i in range(world)]
+    flops = [1e9 * (i + 1) if layout == "contiguous" else 1e9 for i in range(world)]
+    return dict(
+        r,
+        machine=MACHINE,
+        fwd_s=0.3 * cpu_per_rank,
+        fwdbwd_s=cpu_per_rank * world / 2,
+        fwdbwd_cpu_s=sum(cpu),
+        fwdbwd_cpu_max_s=max(cpu),
+        fwdbwd_cpu_per_rank=cpu,
+        flops_fwdbwd_per_rank=flops,
+        wait_fwdbwd_s=0.01,
+        tflops_fwdbwd_per_rank=0.2,
+        peak_rss_mb=400.0,
+        sdpa_fwdbwd_s=cpu_per_rank * world * 0.9,
+        sdpa_fwdbwd_cpu_s=cpu_per_rank * world * 0.9,
+        cpu_ratio_fwdbwd=1.1,
+    )
+
+
+def test_strong_rows_add_one_sdpa_row_per_seq_and_speedup(tmp_path):
+    res = [_ring_result(w, s, 1.0 * s / 1024 / w) for s in (1024, 2048) for w in (2, 4)]
+    rows = scaling.strong_rows(res)
+    assert [(r["impl"], r["world"], r["seq"]) for r in rows] == [
+        ("sdpa", 1, 1024),
+        ("ring", 2, 1024),
+        ("ring", 4, 1024),
+        ("sdpa", 1, 2048),
+        ("ring", 2, 2048),
+        ("ring", 4, 2048),
+    ]
+    ring = rows[1]
+    assert ring["speedup_dedicated"] == pytest.approx(
+        ring["sdpa_fwdbwd_cpu_s"] / ring["fwdbwd_cpu_max_s"]
+    )
+    assert "| 1024 | sdpa | 1 |" in markdown_table(rows, scaling.STRONG_COLUMNS)
+    scaling.plot_strong(rows, str(tmp_path / "s.png"))
+    assert _png_ok(tmp_path / "s.png")
+
+
+def test_weak_rows_per_step_is_time_over_world(tmp_path):
+    res = [_ring_result(w, 1024 * w, 0.1 * w) for w in (1, 2, 4)]  # time per rank ~ W
+    rows = scaling.weak_rows(res)
+    assert [r["local_seq"] for r in rows] == [1024] * 3
+    for r in rows:
+        assert r["cpu_per_step_s"] == pytest.approx(r["fwdbwd_cpu_max_s"] / r["world"])
+    assert rows[0]["step_vs_first"] == 1.0
+    scaling.plot_weak(rows, str(tmp_path / "w.png"))
+    assert _png_ok(tmp_path / "w.png")
+
+
+def test_layout_balance(tmp_path):
+    assert layouts.balance([1.0, 1.0]) == dict(max_over_min=1.0, max_over_mean=1.0)
+    assert layouts.balance([1.0, 3.0]) == dict(max_over_min=3.0, max_over_mean=1.5)
+    assert math.isinf(layouts.balance([0.0, 1.0])["max_over_min"])
+    rows = layouts.layout_rows([_ring_result(2, 512, 1.0, lay) for lay in layouts.LAYOUTS])
+    assert rows[0]["flops_max_over_min"] == 2.0  # the fake contiguous row
+    assert rows[1]["flops_max_over_min"] == 1.0
+    assert "| zigzag | 1.0 1.0 |" in markdown_table(rows, layouts.COLUMNS)
+    layouts.plot(rows, str(tmp_path / "l.png"))
+    assert _png_ok(tmp_path / "l.png")
+
+
+# --- calibration --------------------------------------------------------------------------
+
+
+def test_fit_link_recovers_latency_and_bandwidth():
+    lat, bw = 2e-4, 1.5e9
+    sizes = [64, 1 << 20, 4 << 20, 16 << 20]
+    times = [lat + n / bw for n in sizes]
+    got_lat, got_bw = calibrate.fit_link(sizes, times)
+    assert got_lat == pytest.approx(lat, rel=1e-3)
+    assert got_bw == pytest.approx(bw, rel=1e-3)
+
+
+def test_rel_err_sign():
+    assert calibrate.rel_err(0.5, 1.0) == -0.5  # optimistic model
+    assert calibrate.rel_err(1.5, 1.0) == 0.5
+
+
+def _rates(f: float = 1e11, b: float = 1e11) -> dict:
+    return dict(fwd_flops=f, bwd_flops=b)
+
+
+def test_predict_matches_simulate_with_equal_rates():
+    """With one rate for both passes, the split prediction is the simulator's own answer."""
+    row = problem(world=4, seq=2048, dtype="fp32")
+    got = calibrate.predict(row, _rates(), latency_s=1e-4, link_bw=1e9, share=1.0)
+    hw = Hardware("t", flops=1e11, mem_bytes=1e12, link_bw=1e9, latency_s=1e-4, efficiency=1.0)
+    ref = simulate(4, 2048, hw, heads=8, head_dim=64, dtype_bytes=4, acc_bytes=4, record=False)
+    assert got["fwd_s"] == pytest.approx(ref.fwd_s)
+    assert got["bwd_s"] == pytest.approx(ref.bwd_s)
+    assert got["busy_max_s"] == pytest.approx(max(ref.busy_s))
+
+
+def test_predict_core_share_scales_compute_bound_time():
+    """Compute-bound (free link): half a core doubles every time."""
+    row = problem(world=4, seq=4096, dtype="fp32")
+    full = calibrate.predict(row, _rates(1e11, 5e10), latency_s=0.0, link_bw=1e15, share=1.0)
+    half = calibrate.predict(row, _rates(1e11, 5e10), latency_s=0.0, link_bw=1e15, share=0.5)
+    for k in ("fwd_s", "bwd_s", "busy_max_s"):
+        assert half[k] == pytest.approx(2 * full[k], rel=1e-6)
+    # backward at half the forward rate, 2.5x the FLOPs: 5x the forward busy time
+    assert full["bwd_s"] == pytest.approx(5 * full["fwd_s"], rel=1e-3)
+
+
+def test_calibration_rows_and_plot(tmp_path):
+    rows = [problem(world=w, seq=2048, dtype="fp32") for w in (2, 4)]
+    meas = {
+        w: (
+            dict(fwd_s=0.1 * w, fwdbwd_s=0.4 * w, fwdbwd_cpu_max_s=0.3, wait_fwdbwd_s=0.0),
+            (1e-4, 1e9),
+        )
+        for w in (2, 4)
+    }
+    rates = {w: _rates() for w in (2, 4)}
+    replays = {w: dict(fwdbwd_cpu_s=0.25) for w in (2, 4)}
+    out = calibrate.calibration_rows(
+        rows, meas, rates, (1e-4, 1e9), n_cores=2, probes={2: 0.5, 4: 1.0}, replays=replays
+    )
+    assert [r["share"] for r in out] == [1.0, 0.5]
+    assert [r["share_loaded"] for r in out] == [pytest.approx(0.4), 0.5]
+    assert out[0]["overhead_vs_replay"] == pytest.approx(0.3 / 0.25 - 1)
+    for r in out:
+        assert r["err_fwdbwd"] == pytest.approx(
+            (r["pred_fwdbwd_s"] - r["meas_fwdbwd_s"]) / r["meas_fwdbwd_s"]
+        )
+        r["machine"] = MACHINE
+    assert "| 4 | 2048 |" in markdown_table(out, calibrate.COLUMNS)
+    calibrate.plot(out, str(tmp_path / "c.png"))
+    assert _png_ok(tmp_path / "c.png")
+
+
+def test_core_share():
+    assert calibrate.core_share(2, 2) == 1.0
+    assert calibrate.core_share(8, 2) == 0.25
+    assert calibrate.core_share(2, 2, probe=0.99) == 1.0  # cannot see a lone other process
+    # half a core for one process on 2 cores: 3 others; 2 ranks share 2 cores with them
+    assert calibrate.core_share(2, 2, probe=0.5) == pytest.approx(2 / 5)
+    assert 0 < calibrate.probe_share(0.05) <= 1.0
+
+
+def test_replay_rank_follows_the_schedule():
+    """Contiguous causal: rank 0 computes only its diagonal, the last rank W blocks."""
+    row = problem(world=4, seq=1024, layout="contiguous", heads=2, head_dim=16)
+    first, last = calibrate.replay_rank(row, 0), calibrate.replay_rank(row, 3)
+    assert last["fwdbwd_cpu_s"] > first["fwdbwd_cpu_s"]
+    assert first["fwdbwd_cpu_s"] == pytest.approx(first["fwd_cpu_s"] + first["bwd_cpu_s"])
+
+
+def test_kernel_rates_small_block():
+    r = calibrate.kernel_rates(problem(world=1, seq=64, heads=2, head_dim=16), block=64)
+    assert r["fwd_flops"] > 0 and r["bwd_flops"] > 0
+    assert r["fwd_flops"] == pytest.approx(4.0 * 2 * 64 * 64 * 16 / r["fwd_s"])
+
+
+# --- memory -------------------------------------------------------------------------------
+
+
+def test_live_bytes_counts_storages_once_and_frees():
+    with memory.LiveBytes() as live:
+        a = torch.empty(1 << 18)  # 1 MiB
+        b = a.view(-1, 2)  # a view: same storage, not counted again
+        a.add_(1)  # in place: same storage
+        c = a + 1  # a new MiB
+        assert live.live == 2 << 20
+        del c
+        assert live.live == 1 << 20
+        del a, b
+        assert live.live == 0
+    assert live.peak == 2 << 20
+
+
+def test_fit_line_and_max_context_linear_in_world():
+    assert memory.fit_line([1.0, 2.0, 3.0], [3.0, 5.0, 7.0]) == pytest.approx((2.0, 1.0))
+    assert memory.fit_line([2.0], [4.0]) == (2.0, 0.0)
+    # per-rank peak = 10 MB + 8 KB per local token: max context = W * (budget - 10) / 8 KB
+    rows = [
+        dict(kind="measure", impl="ring", world=w, seq=s, peak_total_mb=10 + 8 / 1024 * s / w)
+        for w in (2, 4, 8)
+        for s in (1024, 2048, 4096)
+    ]
+    ctx = memory.max_context_rows(rows, budget_mb=138.0)
+    assert [r["max_seq"] for r in ctx] == [32768, 65536, 131072]
+    assert all(r["vs_linear"] == pytest.approx(1.0) for r in ctx)
+
+
+def test_planner_rows_linear_for_a_small_model():
+    rows = memory.planner_rows("tiny", "a100-nvlink", [2, 4, 8], mem_mb=256)
+    seqs = [r["max_seq"] for r in rows]
+    assert seqs[0] > 0 and seqs == sorted(seqs)
+    assert rows[-1]["vs_linear"] == pytest.approx(1.0, abs=0.05)
+
+
+def test_memory_measure_call_and_plot(tmp_path):
+    row = problem(world=1, seq=256, heads=2, head_dim=16, impl="ring")
+    got = memory.measure_rows([row, dict(row, impl="sdpa")], rank=0, world=1)
+    for g in got:
+        assert g["peak_live_mb"] > 0
+        assert g["inputs_mb"] == pytest.approx(4 * 256 * 2 * 16 * 4 / 2**20)
+    rows = [
+        dict(memory.summarize(r, [g]), machine=MACHINE)
+        for r, g in zip([row, dict(row, impl="sdpa")], got)
+    ]
+    assert rows[0]["blocks"] > 3  # out, dq, dk, dv at least
+    ctx = memory.max_context_rows(
+        rows + [dict(rows[0], seq=512, peak_total_mb=2 * rows[0]["peak_total_mb"])], 64
+    )
+    memory.plot(rows + ctx, str(tmp_path / "m.png"))
+    assert _png_ok(tmp_path / "m.png")
+
+
+# --- peers --------------------------------------------------------------------------------
+
+
+def test_peer_errors_and_ratios(tmp_path):
+    row = problem(world=2, seq=64, heads=2, head_dim=8, peer_bucket=16)
+    ref = peers._reference(row)
+    ref.update(wall_s=1.0, cpu_s=2.0)
+    plan = [("ringattn", "zigzag"), ("ring-attention-pytorch", "zigzag")]
+    res = {}
+    for r in range(2):
+        exact = {n: shard(ref[n], "zigzag", rank=r, world_size=2) for n in peers.GRADS}
+        wrong = dict(exact, dk=exact["dk"] + 1.0)
+        res[r] = {
+            plan[0]: dict(exact, wall_s=1.0, cpu_s=1.0),
+            plan[1]: dict(wrong, wall_s=3.0, cpu_s=4.0),
+        }
+    rows = peer_rows = peers.peer_rows(row, res, ref, plan)
+    assert rows[0]["status"] == "exact" and rows[0]["err_out"] == 0.0
+    assert rows[1]["status"] == "WRONG dk"
+    assert rows[1]["wall_vs_ringattn"] == 3.0
+    assert rows[1]["cpu_vs_ringattn"] == 4.0
+    assert rows[1]["cpu_vs_sdpa"] == 4.0  # 8 CPU s over ranks / 2 s
+    notes = peers.note_rows(row, "NotImplementedError: x", lucidrains=False)
+    impls = [n["impl"] for n in notes]
+    assert impls[:2] == ["torch native CP", "ring-attention-pytorch"]
+    assert {"ring-flash-attn", "flash_attn"} <= set(impls)
+    all_rows = [dict(r, machine=MACHINE) for r in peer_rows + notes]
+    table = markdown_table(all_rows, peers.COLUMNS)
+    assert "NotImplementedError: x" in table
+    peers.plot(all_rows, str(tmp_path / "p.png"))
+    assert _png_ok(tmp_path / "p.png")
+
+
+# --- one real run ------------------------------------------------------------------------
+
+
+def test_layouts_smoke_run(tmp_path, capsys):
+    """2 real gloo ranks, tiny causal problem, all three layouts: rows, table and plot."""
+    from ringattn.cli import main
+
+    out, png = tmp_path / "l.jsonl", tmp_path / "l.png"
+    assert (
+        main(
+            [
+                "bench",
+                "layouts",
+                "--world",
+                "2",
+                "--seq",
+                "256",
+                "--out",
+                str(out),
+                "--png",
+                str(png),
+            ]
+        )
+        == 0
+    )
+    rows = {r["layout"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == set(layouts.LAYOUTS)
+    assert rows["zigzag"]["flops_max_over_min"] == 1.0
+    assert rows["contiguous"]["flops_max_over_min"] > 2.5  # ~2W-1 = 3 for large blocks
+    assert all(len(r["fwdbwd_cpu_per_rank"]) == 2 for r in rows.values())
+    assert all(r["machine"]["cores"] >= 1 for r in rows.values())
+    assert "| zigzag |" in capsys.readouterr().out
+    assert _png_ok(png)
