@@ -21,9 +21,12 @@ def merge_(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: tor
 
     out: (b, h, s, d) fp32, lse: (b, h, s) fp32 (views into the accumulators are fine);
     out_b: (b, h, s, d) any float dtype, lse_b: (b, h, s) fp32, ``-inf`` for empty rows.
+    ``out_b`` is consumed: when it already has the accumulator's dtype it is overwritten.
     """
     new = torch.logaddexp(lse, lse_b)
     # exp(-inf - -inf) is NaN for rows that no block has touched yet: their weight is 0.
     w_b = torch.exp(lse_b - new).nan_to_num_(nan=0.0).unsqueeze(-1)
-    out.sub_(w_b * (out - out_b.to(out.dtype)))
+    # out += w_b * (out_b - out), in place: no block-sized temporaries beyond out_b itself
+    delta = out_b.to(out.dtype)
+    out.add_(delta.sub_(out).mul_(w_b))
     lse.copy_(new)
