@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(PYTHON) -m ruff format --check src tests benchmarks examples
 
 bench: $(STAMP)
-	$(PYTHON) -m ringattn.cli bench attention --world 2 4 --seq 8192 --layout contiguous zigzag striped --causal both
+	$(PYTHON) -m ringattn.cli bench attention --world 2 4 --seq 8192 --layout contiguous zigzag striped --causal both --dtype fp32 bf16
 
 plan: $(STAMP)
 	$(PYTHON) -m ringattn.cli plan --paper-table
