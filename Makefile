@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PYTHON) -m ringattn.cli demo
+	$(PYTHON) -m ringattn.cli train --config configs/demo.toml
 
 check: $(STAMP)
 	$(PYTHON) -m ringattn.cli check

@@ -11,7 +11,8 @@ commands:
   bench       benchmarks: attention|scaling|weak|memory|layouts|peers|calibrate|all
   plan        planner: block size, memory, longest context (`--help`)
   simulate    discrete-event ring simulator (`--help`)
-  demo        the main job on 4 local CPU ranks (what `make demo` runs)
+  demo        the main job: train on the retrieval task, 4 local CPU ranks, 8K context
+              (= `ringattn train --config configs/demo.toml`, what `make demo` runs)
   check       verified ring attention run against single-process SDPA
 """
 
@@ -31,9 +32,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return check(rest)
     if cmd == "demo":
-        from .bench.check import main as check
+        # the main job: `ringattn train --config configs/demo.toml` (run from the repo root)
+        from .train.cli import train_main
 
-        return check(rest)
+        return train_main(["--config", "configs/demo.toml", *rest])
     if cmd == "plan":
         from .plan.cli import plan_main
 
