@@ -346,3 +346,19 @@ def test_layouts_smoke_run(tmp_path, capsys):
     assert all(r["machine"]["cores"] >= 1 for r in rows.values())
     assert "| zigzag |" in capsys.readouterr().out
     assert _png_ok(png)
+
+
+def test_bench_train_smoke(tmp_path):
+    """A real 2-rank run of the trainer benchmark: rows parse and the numbers are sane."""
+    import json
+
+    from ringattn.bench import train as bench_train
+
+    out = tmp_path / "train.jsonl"
+    args = ["--cp", "2", "--seq", "256", "--steps", "3", "--warmup", "1"]
+    assert bench_train.main([*args, "--dir", str(tmp_path / "runs"), "--out", str(out)]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["cp"] == 2 and row["steps_measured"] == 2
+    assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1
+    assert row["tflops_per_rank"] == pytest.approx(row["mfu"] * row["peak_tflops"], rel=1e-6)
+    assert "| 2 | 256 |" in bench_train.table([row])

@@ -18,8 +18,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "layouts": ("layouts", "main", "causal: per-rank FLOPs and time, contiguous/zigzag/striped"),
     "peers": ("peers", "main", "ring-attention-pytorch, torch native CP, flash libs: ratios"),
     "calibrate": ("calibrate", "main", "measure kernel and gloo rates; simulator vs measured"),
-    # "train": the trainer's tokens/s, TFLOP/s per rank and MFU -- hook for ringattn.train,
-    # add ("<module>", "<entry>", "...") here once it exposes a benchmark entry point.
+    "train": ("train", "main", "trainer step: tokens/s, TFLOP/s per rank, MFU vs cp"),
 }
 
 # ``all``: every command at its small defaults, outputs under one folder.

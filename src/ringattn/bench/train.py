@@ -1,0 +1,99 @@
+"""``ringattn bench train``: tokens/s, TFLOP/s per rank and MFU of the trainer.
+
+Runs a few optimizer steps of the real trainer (``ringattn.train``) at a fixed global
+context for each context-parallel degree, on local gloo ranks, and summarises the steps
+after warm-up from its metrics log: median tokens/s, TFLOP/s per rank (model FLOPs from
+``Transformer.flops_per_token``, attention included) and MFU against ``--peak-tflops`` per
+rank. With W ranks on 2 cores, per-rank throughput is bounded by the core share, so the
+table also gives tokens/s per core-second (tokens/s x W / min(W, cores)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+from ..launch import launch
+from ..train.cli import run_worker
+from ..train.config import load_config
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="ringattn bench train", description=__doc__)
+    p.add_argument("--cp", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--seq", type=int, default=4096, help="global tokens per sequence")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2, help="steps left out of the summary")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--strategy", default="ring")
+    p.add_argument("--layout", default="zigzag")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--peak-tflops", type=float, default=0.3, help="per rank, for MFU")
+    p.add_argument("--dir", default="runs/bench/train")
+    p.add_argument("--out", default=None, help="append JSON lines here")
+    return p.parse_args(argv)
+
+
+def run_one(a: argparse.Namespace, cp: int) -> dict:
+    out_dir = Path(a.dir) / f"cp{cp}"
+    cfg = load_config(
+        None,
+        [
+            f"--model.preset={a.preset}", f"--parallel.cp={cp}",
+            f"--parallel.strategy={a.strategy}", f"--parallel.layout={a.layout}",
+            f"--data.seq_len={a.seq}", "--data.batch_size=1", f"--train.steps={a.steps}",
+            f"--train.dtype={a.dtype}", f"--train.peak_tflops={a.peak_tflops}",
+            f"--train.out_dir={out_dir}", "--train.log_every=1", "--train.progress=false",
+            "--train.plot=false", "--eval.n_seqs=1", f"--eval.seq_len={a.seq}",
+        ],
+    )  # fmt: skip
+    if (out_dir / "metrics.jsonl").exists():
+        (out_dir / "metrics.jsonl").unlink()  # a fresh log per run
+    summary = launch(run_worker, cp, cfg.to_dict())[0]
+    rows = [json.loads(line) for line in open(out_dir / "metrics.jsonl")]
+    steps = [r for r in rows if "tokens_per_s" in r][a.warmup :]
+    med = lambda key: statistics.median(r[key] for r in steps)
+    cores = os.cpu_count() or 1
+    tok_s = med("tokens_per_s")
+    return dict(
+        bench="train", preset=a.preset, cp=cp, strategy=a.strategy, layout=a.layout,
+        dtype=a.dtype, seq=a.seq, steps_measured=len(steps), step_time_s=med("step_time_s"),
+        tokens_per_s=tok_s, tokens_per_core_s=tok_s * cp / min(cp, cores),
+        tflops_per_rank=med("tflops_per_rank"), mfu=med("mfu"), peak_tflops=a.peak_tflops,
+        peak_mem_mb_per_rank=summary["peak_mem_mb_per_rank"], final_loss=summary["final_loss"],
+    )  # fmt: skip
+
+
+def table(rows: list[dict]) -> str:
+    head = (
+        "| cp | seq | step s | tokens/s | tokens/core-s | TFLOP/s/rank | MFU | peak MiB/rank |\n"
+        "|---|---|---|---|---|---|---|---|"
+    )
+    body = [
+        f"| {r['cp']} | {r['seq']} | {r['step_time_s']:.2f} | {r['tokens_per_s']:,.0f} | "
+        f"{r['tokens_per_core_s']:,.0f} | {r['tflops_per_rank']:.3f} | {100 * r['mfu']:.1f}% | "
+        f"{max(r['peak_mem_mb_per_rank']):,.0f} |"
+        for r in rows
+    ]
+    return "\n".join([head, *body])
+
+
+def main(argv: list[str]) -> int:
+    a = parse(argv)
+    rows = []
+    for cp in a.cp:
+        row = run_one(a, cp)
+        rows.append(row)
+        line = json.dumps(row)
+        if a.out:
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            with open(a.out, "a") as f:
+                f.write(line + "\n")
+        else:
+            print(line, flush=True)
+    print(table(rows), file=sys.stdout if a.out else sys.stderr)
+    return 0
