@@ -121,25 +121,10 @@ def measure(
 
 def summarize(row: dict, ranks: list[dict], ref: dict | None) -> dict:
     world = row["world"]
-    flops = attention_flops(
-        row["layout"],
-        world,
-        row["seq"],
-        row["causal"],
-        batch=row["batch"],
-        heads=row["heads"],
-        head_dim=row["head_dim"],
-    )
-    bflops = attention_flops(
-        row["layout"],
-        world,
-        row["seq"],
-        row["causal"],
-        batch=row["batch"],
-        heads=row["heads"],
-        head_dim=row["head_dim"],
-        backward=True,
-    )
+    shape = dict(batch=row["batch"], heads=row["heads"], head_dim=row["head_dim"])
+    args = (row["layout"], world, row["seq"], row["causal"])
+    flops = attention_flops(*args, **shape)
+    bflops = attention_flops(*args, **shape, backward=True)
     res = dict(row)
     res.update(
         fwd_s=max(r["fwd_s"] for r in ranks),
