@@ -58,21 +58,9 @@ def replay_rank(row: dict, rank: int, repeats: int = 1) -> dict:
     k, v = (torch.randn(b, hk, n, d, generator=g).to(dt) for _ in range(2))
     scale = d**-0.5
     works = [wk for step in plan for wk in step]
-    # each block's own (out, lse), so the backward sees realistic softmax statistics
-    fwd_res = [
-        fused.cpu_forward(
-            q[:, :, wk.q],
-            k[:, :, wk.kv],
-            v[:, :, wk.kv],
-            causal=wk.causal,
-            scale=scale,
-            mask=wk.mask,
-        )
-        for wk in works
-    ]
 
-    def fwd() -> None:
-        for wk in works:
+    def fwd() -> list:
+        return [
             fused.cpu_forward(
                 q[:, :, wk.q],
                 k[:, :, wk.kv],
@@ -81,6 +69,11 @@ def replay_rank(row: dict, rank: int, repeats: int = 1) -> dict:
                 scale=scale,
                 mask=wk.mask,
             )
+            for wk in works
+        ]
+
+    # each block's own (out, lse), so the backward sees realistic softmax statistics
+    fwd_res = fwd()
 
     def bwd() -> None:
         for wk, (o, lse) in zip(works, fwd_res):
