@@ -138,3 +138,30 @@ def test_kernel_object_and_errors():
     assert get_kernel(blockwise_kernel(4), q.device, q.dtype).name == "blockwise[4]"
     with pytest.raises(ValueError, match="kernel='nope' is unknown"):
         get_kernel("nope", q.device, q.dtype)
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_half_precision_computes_in_fp32_without_bf16_units(monkeypatch, native, dtype):
+    # CPUs without bf16 matrix units emulate bf16 ~250x slower than fp32: there the CPU op
+    # runs the block in fp32 (fp32 out, merged in fp32, cast once by the caller). The probe
+    # is decided once; both answers are exercised here whatever this machine is.
+    from ringattn.kernels import fused
+
+    seen = []
+    real = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+    class Spy:
+        def __call__(self, q, *a, **kw):
+            seen.append(q.dtype)
+            return real(q, *a, **kw)
+
+    monkeypatch.setattr(fused, "cpu_half_is_native", lambda: native)
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", Spy())
+    q, k, v, do = _inputs(dtype=dtype)
+    out, lse = fused.cpu_forward(*(t.transpose(1, 2) for t in (q, k, v)), causal=True, scale=0.25)
+    want = dtype if native else torch.float32
+    assert seen == [want] and out.dtype == want and lse.dtype == torch.float32
+    r_out = naive_attention(q, k, v, causal=True, scale=0.25)[0]
+    naive = naive_attention(q, k, v, causal=True, scale=0.25, dtype=dtype)[0]
+    assert rel_err(out.transpose(1, 2), r_out) <= 2 * max(rel_err(naive, r_out), 1e-3)

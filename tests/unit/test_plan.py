@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import replace
 
 import pytest
@@ -157,15 +156,36 @@ def test_hardware_presets_and_overrides():
         Hardware("x", 1e12, 1e9, 1e9, efficiency=1.5)
 
 
-def test_measure_cpu_overrides_skip_measuring_and_real_run_is_quick():
-    t0 = time.perf_counter()
+def test_measure_cpu_overrides_skip_measuring(monkeypatch):
+    # Given every value, nothing is measured: the probes must not even be called.
+    from ringattn.plan import hardware
+
+    def boom(*_a, **_k):
+        raise AssertionError("measured although the value was given")
+
+    for probe in ("_matmul_flops", "_attention_flops", "_loopback_link", "_phys_mem"):
+        monkeypatch.setattr(hardware, probe, boom)
     hw = measure_cpu(flops=1e12, efficiency=0.5, link_bw=1e9, latency_s=1e-4, mem_bytes=8e9)
-    assert time.perf_counter() - t0 < 0.1
-    assert (hw.flops, hw.link_bw, hw.mem_bytes) == (1e12, 1e9, 8e9)
-    t0 = time.perf_counter()
+    assert (hw.flops, hw.link_bw, hw.mem_bytes, hw.efficiency) == (1e12, 1e9, 8e9, 0.5)
+
+
+def test_measure_cpu_real_run_gives_sane_rates():
+    # No wall-clock assertion (timing belongs in benchmarks); only that the numbers are sane.
     hw = measure_cpu(budget_s=0.6)
-    assert time.perf_counter() - t0 < 3.0
     assert hw.flops > 1e9 and hw.link_bw > 1e7 and 0 < hw.efficiency <= 1
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_probe_only_on_cpus_with_bf16_units(monkeypatch, native):
+    # Without bf16 units a 1024^3 bf16 GEMM is emulated (~7 s on an AVX2 EPYC): never probed.
+    import torch
+
+    from ringattn.kernels import fused
+    from ringattn.plan import hardware
+
+    monkeypatch.setattr(fused, "cpu_half_is_native", lambda: native)
+    want = (torch.float32, torch.bfloat16) if native else (torch.float32,)
+    assert hardware._probe_dtypes() == want
 
 
 def test_calibrate_from():

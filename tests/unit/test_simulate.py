@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import replace
 
 import pytest
@@ -127,15 +126,13 @@ def test_matches_event_oracle(layout, world, bw):
     assert r.bwd_s == pytest.approx(_oracle(world, fracs, t_bwd, x_kv, x_acc), rel=1e-12)
 
 
-def test_large_world_is_fast():
+def test_large_world_runs_without_timeline():
+    # Speed is a benchmark's business (`ringattn simulate`); here: W = 4096 completes, keeps
+    # one busy time per rank and draws no timeline unless asked.
     for lay in ("zigzag", "contiguous"):
-        best = math.inf
-        for _ in range(2):  # best of two: the machine may be shared with other test runs
-            t0 = time.perf_counter()
-            r = simulate(4096, 4096 * 1024, NVLINK, layout=lay, causal=True)
-            best = min(best, time.perf_counter() - t0)
-        assert best < 1.0
+        r = simulate(4096, 4096 * 1024, NVLINK, layout=lay, causal=True)
         assert r.timeline is None and len(r.busy_s) == 4096
+        assert all(b > 0 for b in r.busy_s)
     assert "busy_s" not in r.to_dict()
 
 

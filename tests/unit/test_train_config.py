@@ -154,3 +154,17 @@ def test_train_main_reports_config_errors_and_prints_config(capsys):
     assert train_main(["--config", str(CONFIGS / "demo.toml"), "--print-config"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["parallel"]["cp"] == 4 and printed["eval"]["seq_len"] >= 8192
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_training_computes_in_fp32_on_cpus_without_bf16_units(monkeypatch, native):
+    import torch
+
+    from ringattn.kernels import fused
+    from ringattn.train.trainer import compute_dtype
+
+    monkeypatch.setattr(fused, "cpu_half_is_native", lambda: native)
+    cpu = torch.device("cpu")
+    assert compute_dtype("bf16", cpu) == (torch.bfloat16 if native else torch.float32)
+    assert compute_dtype("fp32", cpu) == torch.float32
+    assert compute_dtype("bf16", torch.device("meta")) == torch.bfloat16

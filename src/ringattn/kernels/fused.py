@@ -14,9 +14,37 @@ Quirks handled here (measured, see REFERENCE.md):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .mask import MaskSpec
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def cpu_half_is_native() -> bool:
+    """Whether this CPU has bf16/fp16 matrix units (AMX, AVX512-BF16); decided once.
+
+    Without them (e.g. AMD EPYC with AVX2 only) oneDNN emulates bf16 at ~0.3 GFLOP/s, about
+    250x slower than fp32 (REFERENCE.md), so the CPU kernel computes half-precision blocks in
+    fp32 there: the inputs are cast per block and the fp32 output is cast once at the end.
+    """
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported", "_is_amx_fp16_supported")
+    for name in probes:
+        probe = getattr(torch.cpu, name, None)
+        try:
+            if probe is not None and probe():
+                return True
+        except RuntimeError:
+            continue
+    return False
+
+
+def _cpu_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the CPU op runs in for inputs of ``dtype`` (forward)."""
+    return torch.float32 if dtype in _HALF and not cpu_half_is_native() else dtype
 
 
 def _additive(
@@ -44,6 +72,9 @@ def _check_causal(q: torch.Tensor, k: torch.Tensor, causal: bool) -> None:
 
 def cpu_forward(q, k, v, *, causal: bool, scale: float, mask: MaskSpec | None = None):
     _check_causal(q, k, causal)
+    compute = _cpu_compute_dtype(q.dtype)
+    if compute != q.dtype:  # no bf16 units: fp32 block, fp32 out (merged in fp32 anyway)
+        q, k, v = q.to(compute), k.to(compute), v.to(compute)
     bias, empty = _additive(mask, q.dtype)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, causal, attn_mask=bias, scale=scale
@@ -56,7 +87,7 @@ def cpu_forward(q, k, v, *, causal: bool, scale: float, mask: MaskSpec | None = 
 
 def cpu_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, mask=None):
     _check_causal(q, k, causal)
-    if q.dtype in (torch.float16, torch.bfloat16):
+    if q.dtype in _HALF:
         # The op returns half-precision block gradients; summed over W blocks their rounding
         # exceeded 2x a naive bf16 implementation's error (2.13x for dV over 40 seeds).
         # Computing the block backward in fp32 keeps "cast once at the end" (~1.5x slower).

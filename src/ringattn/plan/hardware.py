@@ -122,19 +122,34 @@ def _timed(fn, budget_s: float, max_reps: int = 50) -> float:
     return best
 
 
+def _probe_dtypes() -> tuple:
+    import torch
+
+    from ringattn.kernels.fused import cpu_half_is_native
+
+    if cpu_half_is_native():
+        return (torch.float32, torch.bfloat16)
+    return (torch.float32,)
+
+
 def _matmul_flops(budget_s: float) -> float:
-    """Best of fp32 and bf16 GEMM FLOP/s (bf16 wins on CPUs with bf16 matrix units)."""
+    """Best of fp32 and bf16 GEMM FLOP/s (bf16 wins on CPUs with bf16 matrix units).
+
+    bf16 is probed only where the CPU has bf16 units: elsewhere it is emulated (~250x slower
+    than fp32, seconds per 1024^3 GEMM) and the kernels compute half precision in fp32.
+    """
     import torch
 
     n, rates = 1024, []
-    for dt in (torch.float32, torch.bfloat16):
+    for dt in _probe_dtypes():
         a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
         rates.append(2 * n**3 / _timed(lambda a=a, b=b: a @ b, budget_s / 2))
     return max(rates)
 
 
 def _attention_flops(budget_s: float) -> float:
-    """Achieved FLOP/s of SDPA forward+backward, bf16, counted as 3.5x forward FLOPs.
+    """Achieved FLOP/s of SDPA forward+backward, counted as 3.5x forward FLOPs; bf16 where
+    the CPU has bf16 units, else fp32 (what the kernels then compute in).
 
     3.5 = 1 (forward) + 2.5 (backward recomputes QK^T) -- the same hardware-FLOP convention
     the simulator uses, so ``efficiency = this / peak`` plugs straight in.
@@ -143,7 +158,8 @@ def _attention_flops(budget_s: float) -> float:
     import torch.nn.functional as F
 
     b, h, s, d = 1, 8, 1024, 64
-    q, k, v = (torch.randn(b, h, s, d, dtype=torch.bfloat16, requires_grad=True) for _ in "qkv")
+    dt = _probe_dtypes()[-1]
+    q, k, v = (torch.randn(b, h, s, d, dtype=dt, requires_grad=True) for _ in "qkv")
 
     def step() -> None:
         F.scaled_dot_product_attention(q, k, v).sum().backward()

@@ -44,6 +44,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype ``train.dtype`` computes in on ``device``: bf16 on a CPU without bf16 matrix
+    units (emulated, ~50-250x slower than fp32 there) computes in fp32 instead."""
+    from ringattn.kernels.fused import cpu_half_is_native
+
+    dtype = _DTYPES[name]
+    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_half_is_native():
+        return torch.float32
+    return dtype
+
+
 def build_parallel_model(cfg: Config, mesh, device: torch.device):
     """The full model initialised on ``device`` (same weights on every rank), then, in order:
     TP, CP, AC, FSDP. Returns ``(model, cp_attention)``."""
@@ -61,7 +72,7 @@ def build_parallel_model(cfg: Config, mesh, device: torch.device):
         hybrid_mesh=mesh.hybrid,
     )
     apply_ac(model, cfg.parallel.ac)
-    apply_fsdp(model, mesh["dp_cp"], param_dtype=_DTYPES[cfg.train.dtype])
+    apply_fsdp(model, mesh["dp_cp"], param_dtype=compute_dtype(cfg.train.dtype, device))
     # With sequence parallelism the logits come out of DTensor.to_local(), a view; FSDP
     # warns in case someone modifies them in place. The trainer never does.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
