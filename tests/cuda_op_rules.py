@@ -142,3 +142,77 @@ class CudaOpRules(TorchDispatchMode):
         _rule(tuple(lse.shape) == (b, h, rows), op, f"lse must be {(b, h, rows)}, got {lse.shape}")
         _rule(lse.is_contiguous(), op, "lse must be contiguous")
         _rule(not mask[3], op, "no bias gradient is wanted")
+
+
+# ----------------------------------------------------------------------------- numbers on CPU
+
+
+def _reference(q, k, v, bias, causal, scale):
+    """fp32 scores and probabilities (b, h, sq, sk) and lse (b, h, sq); K/V heads repeated
+    here when the op takes GQA. Rows with no key get lse -inf and NaN probabilities."""
+    g = q.shape[1] // k.shape[1]
+    kf, vf = k.float().repeat_interleave(g, 1), v.float().repeat_interleave(g, 1)
+    s = q.float() @ kf.transpose(-1, -2) * scale
+    if bias is not None:
+        s = s + bias.float()
+    if causal:  # top-left, square blocks only (checked by the rules)
+        sq, sk = s.shape[-2:]
+        s = s.masked_fill(torch.ones(sq, sk, dtype=torch.bool).triu(1), float("-inf"))
+    return s, kf, vf
+
+
+def _ref_forward(q, k, v, bias, causal, scale):
+    s, _, vf = _reference(q, k, v, bias, causal, scale)
+    lse = s.logsumexp(-1)
+    return (torch.exp(s - lse.unsqueeze(-1)) @ vf).to(q.dtype), lse
+
+
+def _ref_backward(dout, q, k, v, bias, out, lse, causal, scale):
+    """The kernels' backward from the given (final) out and lse: dS = P * (dP - rowsum(dO*O))."""
+    s, kf, vf = _reference(q, k, v, bias, causal, scale)
+    p = torch.exp(s - lse[..., : q.shape[2]].unsqueeze(-1))
+    do = dout.float()
+    ds = p * (do @ vf.transpose(-1, -2) - (do * out.float()).sum(-1, keepdim=True))
+    dq, dk, dv = ds @ kf * scale, ds.transpose(-1, -2) @ q.float() * scale, p.transpose(-1, -2) @ do
+    b, hk, sk, d = k.shape
+    fold = lambda x: x.view(b, hk, -1, sk, x.shape[-1]).sum(2)  # noqa: E731
+    return dq.to(q.dtype), fold(dk).to(q.dtype), fold(dv).to(q.dtype)
+
+
+def install_reference_ops(monkeypatch, rules: CudaOpRules) -> None:
+    """Replace the four CUDA ops by CPU references that first check ``rules``. The efficient
+    forward pads its LSE to 32 rows with NaN, and every op writes NaN into rows with no key,
+    so an adapter that reads the padding or trusts those rows fails the comparison."""
+    zero = torch.zeros((), dtype=torch.int64)
+
+    def flash_fwd(q, k, v, dropout_p=0.0, is_causal=False, debug=False, *, scale=None):
+        rules._flash_fwd(q, k, v, dropout_p, is_causal, debug, scale=scale)
+        rules.calls["_scaled_dot_product_flash_attention"] += 1
+        out, lse = _ref_forward(q, k, v, None, is_causal, scale)
+        return out, lse, None, None, q.shape[2], k.shape[2], zero, zero, None
+
+    def flash_bwd(dout, q, k, v, out, lse, cq, ck, mq, mk, p, is_causal, s0, s1, *, scale=None):
+        rules._flash_bwd(dout, q, k, v, out, lse, cq, ck, mq, mk, p, is_causal, s0, s1, scale=scale)
+        rules.calls["_scaled_dot_product_flash_attention_backward"] += 1
+        return _ref_backward(dout, q, k, v, None, out, lse, is_causal, scale)
+
+    def eff_fwd(q, k, v, bias, compute_lse, dropout_p=0.0, is_causal=False, *, scale=None):
+        rules._eff_fwd(q, k, v, bias, compute_lse, dropout_p, is_causal, scale=scale)
+        rules.calls["_scaled_dot_product_efficient_attention"] += 1
+        out, lse = _ref_forward(q, k, v, bias, is_causal, scale)
+        padded = torch.full((*lse.shape[:2], _round(lse.shape[2], 32)), float("nan"))
+        padded[..., : lse.shape[2]] = lse
+        return out, padded, zero, zero
+
+    def eff_bwd(dout, q, k, v, bias, out, lse, s0, s1, p, mask, is_causal=False, *, scale=None):
+        rules._eff_bwd(dout, q, k, v, bias, out, lse, s0, s1, p, mask, is_causal, scale=scale)
+        rules.calls["_scaled_dot_product_efficient_attention_backward"] += 1
+        return (*_ref_backward(dout, q, k, v, bias, out, lse, is_causal, scale), None)
+
+    for name, fn in (
+        ("_scaled_dot_product_flash_attention", flash_fwd),
+        ("_scaled_dot_product_flash_attention_backward", flash_bwd),
+        ("_scaled_dot_product_efficient_attention", eff_fwd),
+        ("_scaled_dot_product_efficient_attention_backward", eff_bwd),
+    ):
+        monkeypatch.setattr(torch.ops.aten, name, fn)

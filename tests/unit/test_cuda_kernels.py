@@ -258,3 +258,65 @@ def test_ring_forward_backward_through_cuda_adapters_on_meta(monkeypatch, fn, dt
     for t in (q, k, v):
         assert t.grad.shape == t.shape and t.grad.dtype == dtype
     assert sum(rules.calls.values()) + flash_stub.CALLS["fwd"] > 0
+
+
+@pytest.mark.parametrize("capability", [(9, 0), (7, 5)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("d", [16, 20])
+def test_cuda_adapters_numbers_with_reference_ops(monkeypatch, capability, dtype, d):
+    # The four CUDA ops replaced by CPU references that check the same rules: documents +
+    # window + GQA through the adapters (head-dim padding, bias slicing, LSE padding, rows
+    # with no key, dK/dV folding) against the float64 oracle.
+    from tests.cuda_op_rules import install_reference_ops
+    from tests.oracle import allowed_mask
+
+    flash_stub.fake_cuda(monkeypatch, capability)
+    rules = CudaOpRules(capability)
+    install_reference_ops(monkeypatch, rules)
+    kern = get_kernel("sdpa", CUDA, dtype)
+    q, k, v, do = _bshd(s=64, d=d, dtype=dtype)
+    cu = torch.tensor([0, 20, 64], dtype=torch.int32)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = context_parallel_attention(
+        *leaves, causal=True, cu_seqlens=cu, window=(24, 0), layout="contiguous", kernel=kern
+    )
+    out.backward(do)
+    pos = torch.arange(64)
+    doc = torch.bucketize(pos, cu[1:], right=True)
+    mask = allowed_mask(pos, pos, causal=True, q_doc=doc, k_doc=doc, window=(24, 0))
+    r_out, _, r_g = grads(q, k, v, do, mask=mask)
+    n_out, _, n_g = grads(q, k, v, do, mask=mask, dtype=dtype)
+    tol = lambda n, r: max(2 * rel_err(n, r), 1e-5)  # noqa: E731
+    assert rel_err(out, r_out) <= tol(n_out, r_out)
+    for t, r, n in zip(leaves, r_g, n_g):
+        assert rel_err(t.grad, r) <= tol(n, r)
+    flash_used = rules.calls["_scaled_dot_product_flash_attention"] > 0
+    assert flash_used == (capability >= (8, 0) and dtype == torch.bfloat16 and d % 8 == 0)
+    assert rules.calls["_scaled_dot_product_efficient_attention_backward"] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_adapters_rows_without_keys(monkeypatch, dtype):
+    # a KV slice that some query rows cannot see at all (the references write NaN there):
+    # out 0 and lse -inf, and no NaN reaches the gradients
+    from ringattn import MaskSpec
+    from tests.cuda_op_rules import install_reference_ops
+    from tests.oracle import allowed_mask
+
+    flash_stub.fake_cuda(monkeypatch, (9, 0))
+    install_reference_ops(monkeypatch, CudaOpRules())
+    kern = get_kernel("sdpa", CUDA, dtype)
+    q, k, v, do = _bshd(s=12, d=16, dtype=dtype)
+    qp, doc = torch.arange(12), torch.tensor([0] * 5 + [1] * 7)
+    spec = MaskSpec(qp, qp - 6, causal=True, q_doc=doc, k_doc=doc, window=(3, -1))
+    allowed = allowed_mask(qp, qp - 6, causal=True, q_doc=doc, k_doc=doc, window=(3, -1))
+    assert not allowed.any(-1).all()  # has rows without keys
+    qt, kt, vt, dot = _t(q, k, v, do)
+    out, lse = kern.forward(qt, kt, vt, causal=False, scale=0.25, mask=spec)
+    dq, dk, dv = kern.backward(dot, qt, kt, vt, out, lse, causal=False, scale=0.25, mask=spec)
+    r_out, r_lse, r_g = grads(q, k, v, do, mask=allowed, scale=0.25)
+    n_out, _, n_g = grads(q, k, v, do, mask=allowed, scale=0.25, dtype=dtype)
+    assert torch.equal(torch.isinf(lse), torch.isinf(r_lse))
+    assert rel_err(out.transpose(1, 2), r_out) <= max(2 * rel_err(n_out, r_out), 1e-5)
+    for a, r, n in zip((dq, dk, dv), r_g, n_g):
+        assert rel_err(a.transpose(1, 2), r) <= max(2 * rel_err(n, r), 1e-5)
