@@ -320,3 +320,14 @@ def test_cuda_adapters_rows_without_keys(monkeypatch, dtype):
     assert rel_err(out.transpose(1, 2), r_out) <= max(2 * rel_err(n_out, r_out), 1e-5)
     for a, r, n in zip((dq, dk, dv), r_g, n_g):
         assert rel_err(a.transpose(1, 2), r) <= max(2 * rel_err(n, r), 1e-5)
+
+
+def test_meta_runs_catch_host_syncs():
+    # why the meta runs above prove "no host sync": the CPU adapter branches on a tensor
+    # value (bool(empty.any())), and the same run through it on meta raises
+    from ringattn.kernels import Kernel, fused
+
+    cpu = Kernel("sdpa-cpu", fused.cpu_forward, fused.cpu_backward)
+    q, k, v, _ = _bshd(s=128, d=64, device="meta")
+    with pytest.raises(RuntimeError, match="meta"):
+        _cp(q, k, v, cpu, "cp_documents_window")
