@@ -29,9 +29,12 @@ from .mask_plan import ring_mask_plan
 from .ring import _RingAttention
 from .strategies import allgather_attention, hybrid_attention, ulysses_attention
 from .strategies.hybrid import mesh_groups
-from .validate import agree, check_layout_len, check_qkv, dtype_code
+from .validate import QKV_FIELDS, agree, check_layout_len, check_qkv, dtype_code
 
 STRATEGIES = ("ring", "allgather", "ulysses", "hybrid")
+# what the ranks agree on (validate.agree), in the order of ``meta`` below
+_FIELDS = (*QKV_FIELDS, "layout", "causal", "strategy", "window left", "window right",
+           "cu_seqlens length", "cu_seqlens checksum")  # fmt: skip
 
 
 def check_cu_seqlens(cu_seqlens, seq_len: int, *, name: str) -> tuple[int, ...] | None:
@@ -200,7 +203,7 @@ def context_parallel_attention(
         ]
     for g in groups:  # two rounds for a mesh, so a bad rank reaches every rank of it
         try:
-            agree(g, meta, error, name=name)
+            agree(g, meta, error, name=name, fields=_FIELDS)
         except ValueError as e:
             error = e
     if error is not None:

@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 import ringattn
 from ringattn.strategies import hybrid_rank
+from ringattn.validate import clear_checked
 from tests.dist.cases import _kernel, make_inputs
 
 _MESHES: dict = {}
@@ -33,6 +34,7 @@ def _cp_rank(spec):
 
 
 def cp_case(spec: dict) -> dict:
+    clear_checked()  # every rank: this case's first call runs its input check (counted)
     """Forward and backward of one spec; outputs, gradients and per-phase comm counts."""
     rank, world, kw = _cp_rank(spec)
     q, k, v, dout = make_inputs(spec)
@@ -81,6 +83,7 @@ def cp_batch(specs: list[dict]) -> list[dict]:
 
 def raise_cp_case(spec: dict):
     """Calls context_parallel_attention with the spec's (bad) arguments on some ranks."""
+    clear_checked()
     rank, world = dist.get_rank(), dist.get_world_size()
     n, h, hk = spec.get("s_local", 4), spec.get("h", 4), spec.get("hk", 2)
     q, k = torch.randn(1, n, h, 8), torch.randn(1, n, hk, 8)

@@ -103,6 +103,10 @@ def expected_comm(spec, world: int):
 
     strategy = spec["strategy"]
     ulysses = {"ulysses": world, "hybrid": 2}.get(strategy, 1)
+    if world > 1:  # the input check of a new signature: one all-gather of 14 int64 per group
+        groups = [world // 2, 2] if strategy == "hybrid" else [world]
+        for w in groups:
+            add(fc, fb, "check", 1, 14 * 8 * (w - 1))
     if strategy == "allgather" and world > 1:
         kv = 2 * b * n * hk * d  # this rank's K and V elements
         add(fc, fb, "all_gather:k/v", 1, (world - 1) * kv * elem)
@@ -216,9 +220,9 @@ def test_windowed_ring_runs_fewer_steps(pools):
     ]
     per_rank = run_grid(pools, world, specs)
     ring, ag = per_rank[0]
-    assert ring["fwd_calls"] == {"ring:k/v": 1}
-    assert ring["calls"] == {"ring:k/v": 2, "ring:dk/dv": 2}
-    assert ag["calls"] == {"all_gather:k/v": 1, "reduce_scatter:dk/dv": 1}
+    assert ring["fwd_calls"] == {"check": 1, "ring:k/v": 1}
+    assert ring["calls"] == {"check": 1, "ring:k/v": 2, "ring:dk/dv": 2}
+    assert ag["calls"] == {"check": 1, "all_gather:k/v": 1, "reduce_scatter:dk/dv": 1}
 
 
 def test_documents_on_rank_boundaries_skip_every_remote_block(pools):
@@ -240,7 +244,7 @@ def test_documents_on_rank_boundaries_skip_every_remote_block(pools):
     ]
     per_rank = run_grid(pools, world, specs)
     for r in per_rank:
-        assert all(res["calls"] == {} for res in r)
+        assert all(res["calls"] == {"check": 1} for res in r)  # only the input check
 
 
 # ----------------------------------------------------------------------------- errors
