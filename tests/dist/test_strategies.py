@@ -352,3 +352,23 @@ def test_bf16_fused_kernel(pools, strategy):
         results = sorted((r[i] for r in per_rank), key=lambda r: r["cp_rank"])
         check_fused_bf16(spec, results)
         assert results[0]["out_dtype"] == torch.bfloat16
+
+
+@pytest.mark.parametrize("strategy", ["ring", "allgather"])
+@pytest.mark.parametrize("layout", ["zigzag", "striped"])
+def test_rows_with_their_own_documents_in_one_call(pools, strategy, layout):
+    """Packed rows in one call: the same result as row by row, and for the ring one pass
+    for the whole batch (W-1 K/V hops forward, not W-1 per row)."""
+    from tests.dist.cases_cp import rows_case
+
+    world, s = 2, 16
+    spec = dict(
+        strategy=strategy, layout=layout, s=s, cus=[[0, 5, 16], [0, 16], [0, 3, 9, 12, 16]]
+    )
+    for r in pools(world).run(rows_case, spec):
+        batch, rows = r["batch"], r["rows"]
+        for name in ("out", "lse", "dq", "dk", "dv"):
+            torch.testing.assert_close(batch[name], rows[name], rtol=1e-12, atol=1e-12)
+        if strategy == "ring":
+            assert batch["calls"] == {"check": 1, "ring:k/v": 2, "ring:dk/dv": 2}
+            assert rows["calls"]["ring:k/v"] == 3 * 2  # before: one ring pass per row
