@@ -107,3 +107,18 @@ def test_wait_time_is_only_claimed_where_the_host_blocks(device):
         assert c.wait_s > 0.0
     else:
         assert c.wait_s == 0.0
+
+
+def test_trace_dist_counts_calls_by_kind_and_restores_torch():
+    from ringattn.dist_trace import trace_dist
+
+    originals = dist.all_reduce, dist.isend
+    fake = {"all_reduce": lambda t, **kw: None, "isend": lambda t, dst, **kw: None}
+    with trace_dist(fake=fake) as trace:
+        dist.all_reduce(torch.ones(2))
+        dist.all_reduce(torch.ones(2, device="meta"))
+        dist.isend(torch.ones(3), 1)
+    assert dict(trace.calls) == {"all_reduce": 2, "isend": 1}
+    assert trace.collectives == {"all_reduce": 2}  # P2P is not a collective
+    assert trace.devices == [("all_reduce", "cpu"), ("all_reduce", "meta"), ("isend", "cpu")]
+    assert (dist.all_reduce, dist.isend) == originals
