@@ -133,6 +133,8 @@ def agree(
     try:
         _all_gather_single(rows, row, group=group)
     except Exception as e:
+        if error is not None:  # this rank's own error says more than the failed exchange
+            raise error from e
         raise CommError(
             f"{name}: rank {rank}: metadata exchange failed: {e}. If other ranks called "
             "with a shape already checked while this rank's differs, they skipped this "

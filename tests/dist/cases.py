@@ -149,10 +149,13 @@ def repeat_case(spec: dict) -> dict:
 
 
 def late_mismatch_case(spec: dict):
-    """A signature agreed by every rank, then rank 1 alone calls with a new length."""
+    """A signature agreed by every rank, then rank 1 alone calls with new inputs."""
     clear_checked()
     q = torch.randn(1, 8, 2, 8)
     ringattn.ring_attention(q, q, q, causal=True)  # agreed and cached on every rank
-    if dist.get_rank() == 1:
-        q = torch.randn(1, 10, 2, 8)
-    return ringattn.ring_attention(q, q, q, causal=True)
+    k = q
+    if dist.get_rank() == 1 and spec["change"] == "length":
+        q = k = torch.randn(1, 10, 2, 8)  # a valid shape, never agreed
+    if dist.get_rank() == 1 and spec["change"] == "heads":
+        k = torch.randn(1, 8, 3, 8)  # fails the local checks: 2 heads are not a multiple of 3
+    return ringattn.ring_attention(q, k, k, causal=True)

@@ -181,18 +181,23 @@ def test_second_call_with_the_same_signature_issues_no_collective(pools):
         assert set(calls) <= {"isend", "irecv", "batch_isend_irecv"}
 
 
-def test_late_mismatch_on_one_rank_raises_everywhere_instead_of_hanging():
-    """Rank 1 alone changes shape after a signature was agreed: it checks, rank 0 skips.
-    Both must raise (at the group timeout), never compute on mismatched shapes or hang."""
+@pytest.mark.parametrize("change", ["length", "heads"])
+def test_late_mismatch_on_one_rank_raises_everywhere_instead_of_hanging(change):
+    """Rank 1 alone changes its inputs after a signature was agreed: it checks, rank 0
+    skips. Both must raise (at the group timeout), never compute on mismatched shapes or
+    hang; a rank whose own inputs are bad raises its own error."""
     from tests.dist.cases import late_mismatch_case
 
     pool = Pool(2, pg_timeout=5.0)
     try:
         with pytest.raises(RankError) as ei:
-            pool.run(late_mismatch_case, {}, timeout=60)
+            pool.run(late_mismatch_case, {"change": change}, timeout=60)
         errs = ei.value.errors
         assert set(errs) == {0, 1}
-        assert errs[1][0] == "CommError" and "metadata exchange failed" in errs[1][1]
+        if change == "length":
+            assert errs[1][0] == "CommError" and "metadata exchange failed" in errs[1][1]
+        else:
+            assert errs[1][0] == "ValueError" and "multiple of k/v heads" in errs[1][1]
         assert errs[0][0] == "CommError" and "forward step 0" in errs[0][1]
     finally:
         pool.close()
