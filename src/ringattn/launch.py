@@ -53,13 +53,16 @@ def init_distributed(timeout_s: float = 300.0, threads: int | None = None, devic
     if threads is not None:
         torch.set_num_threads(threads)
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if not dist.is_initialized():
-        dist.init_process_group(
-            "nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
-        )
-    rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cpu")
+    kw = {}
     if cuda:
+        # the device first, then the group bound to it: NCCL creates its communicators
+        # eagerly on that device instead of guessing one at the first collective
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    return rank, world, device
+        kw["device_id"] = device
+    if not dist.is_initialized():
+        dist.init_process_group(
+            "nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s), **kw
+        )
+    return dist.get_rank(), dist.get_world_size(), device

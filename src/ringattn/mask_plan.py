@@ -197,11 +197,17 @@ def block_works(
 # ----------------------------------------------------------------------------- ring plans
 
 
-def group_positions(seq_len: int, layout: str, world: int, group: int, index: int) -> torch.Tensor:
+def group_positions(
+    seq_len: int, layout: str, world: int, group: int, index: int, rows: int = 1
+) -> torch.Tensor:
     """Sorted global positions held together by ranks ``index*group .. index*group+group-1``
-    of ``layout`` over ``world`` ranks (group = 1: one rank's own positions)."""
+    of ``layout`` over ``world`` ranks (group = 1: one rank's own positions).
+
+    ``rows`` > 1: a batch of rows of ``seq_len`` tokens each, laid end to end (row i at
+    positions ``i*seq_len ...``), each row sharded by ``layout`` on its own."""
     parts = [local_indices(seq_len, layout, index * group + u, world) for u in range(group)]
-    return torch.cat(parts).sort().values
+    one = torch.cat(parts).sort().values
+    return torch.cat([i * seq_len + one for i in range(rows)])
 
 
 def ring_length(pos: list[torch.Tensor], *, causal: bool, cu: CuSeqlens, window: Window) -> int:
@@ -229,17 +235,20 @@ def ring_mask_plan(
     group: int = 1,
     tile: int | None = MASK_TILE,
     device: str = "cpu",
+    rows: int = 1,
 ) -> RingPlan:
     """The ring plan of ``rank`` in a ring of ``world`` ranks, each holding ``n`` tokens.
 
     With ``group`` > 1 (hybrid), ring rank r holds the sorted positions of ranks
     ``r*group .. r*group+group-1`` of ``layout`` over ``world * group`` ranks, n tokens in all.
-    The plan has the same length T <= world on every rank; empty steps are skipped.
+    With ``rows`` > 1, the n tokens are ``rows`` batch rows of n / rows tokens laid end to
+    end (see :func:`group_positions`; ``cu`` must then separate the rows). The plan has the
+    same length T <= world on every rank; empty steps are skipped.
     """
-    if cu is None and window is None and group == 1:
+    if cu is None and window is None and group == 1 and rows == 1:
         return ring_plan(layout, causal, rank, world, n)  # the same plan, without the search
-    seq = n * world
-    pos = [group_positions(seq, layout, world * group, group, r) for r in range(world)]
+    seq = n // rows * world
+    pos = [group_positions(seq, layout, world * group, group, r, rows) for r in range(world)]
     T = ring_length(pos, causal=causal, cu=cu, window=window)
     kw = dict(causal=causal, cu=cu, window=window, tile=tile, device=torch.device(device))
     return tuple(block_works(pos[rank], pos[(rank - i) % world], **kw) for i in range(T))

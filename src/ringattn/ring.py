@@ -15,7 +15,7 @@ import torch
 from .comm import Ring, world_of
 from .kernels import Kernel, get_kernel, merge_
 from .schedule import RingPlan, ring_plan
-from .validate import agree, check_layout_len, check_qkv, dtype_code
+from .validate import QKV_FIELDS, agree, check_layout_len, check_qkv, dtype_code
 
 _LAYOUT_CODE = {"contiguous": 0, "zigzag": 1, "striped": 2}
 
@@ -175,7 +175,7 @@ def ring_attention(
     meta = [-1] * 8
     if error is None:
         meta = [*q.shape, k.shape[2], dtype_code(q.dtype), _LAYOUT_CODE[layout], int(causal)]
-    agree(group, meta, error, name=name)
+    agree(group, meta, error, name=name, fields=(*QKV_FIELDS, "layout", "causal"))
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     plan = ring_plan(layout, causal, rank, world, q.shape[1])
     out, lse = _RingAttention.apply(q, k, v, scale, plan, Ring(group), kern)

@@ -35,6 +35,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=0.3, help="per rank, for MFU")
     p.add_argument("--dir", default="runs/bench/train")
     p.add_argument("--out", default=None, help="append JSON lines here")
+    p.add_argument(
+        "--count-comm",
+        action="store_true",
+        help="also report torch.distributed calls per step by function (rank 0) and the CPU "
+        "seconds per step (process time, max over ranks)",
+    )
     return p.parse_args(argv)
 
 
@@ -53,19 +59,66 @@ def run_one(a: argparse.Namespace, cp: int) -> dict:
     )  # fmt: skip
     if (out_dir / "metrics.jsonl").exists():
         (out_dir / "metrics.jsonl").unlink()  # a fresh log per run
-    summary = launch(run_worker, cp, cfg.to_dict())[0]
+    summary = launch(count_worker if a.count_comm else run_worker, cp, cfg.to_dict())[0]
     rows = [json.loads(line) for line in open(out_dir / "metrics.jsonl")]
     steps = [r for r in rows if "tokens_per_s" in r][a.warmup :]
     med = lambda key: statistics.median(r[key] for r in steps)
     cores = os.cpu_count() or 1
     tok_s = med("tokens_per_s")
-    return dict(
+    row = dict(
         bench="train", preset=a.preset, cp=cp, strategy=a.strategy, layout=a.layout,
         dtype=a.dtype, seq=a.seq, steps_measured=len(steps), step_time_s=med("step_time_s"),
         tokens_per_s=tok_s, tokens_per_core_s=tok_s * cp / min(cp, cores),
         tflops_per_rank=med("tflops_per_rank"), mfu=med("mfu"), peak_tflops=a.peak_tflops,
         peak_mem_mb_per_rank=summary["peak_mem_mb_per_rank"], final_loss=summary["final_loss"],
     )  # fmt: skip
+    if a.count_comm:  # fields only with the flag: the default rows stay as they are
+        per_step = summary["per_step"][a.warmup :]
+        row["cpu_s_per_step"] = statistics.median(p["cpu_s"] for p in per_step)
+        row["dist_calls_per_step"] = per_step[-1]["calls"]
+    return row
+
+
+def count_worker(cfg_dict: dict) -> dict:
+    """``run_worker`` with every train step traced: torch.distributed calls by function and
+    CPU seconds (process time of this rank; the summary keeps rank 0's calls and the max
+    CPU time over ranks)."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from ..dist_trace import trace_dist
+    from ..launch import init_distributed
+    from ..train.config import Config
+    from ..train.trainer import Trainer
+
+    cfg = Config.from_dict(cfg_dict)
+    init_distributed(threads=cfg.parallel.threads_per_rank, device=cfg.parallel.device)
+    try:
+        trainer, per_step = Trainer(cfg), []
+        step_fn = trainer.train_step
+
+        def traced_step(step: int) -> dict:
+            with trace_dist() as trace:
+                c0 = time.process_time()
+                row = step_fn(step)
+                cpu = time.process_time() - c0
+            per_step.append({"calls": dict(sorted(trace.calls.items())), "cpu_s": cpu})
+            return row
+
+        trainer.train_step = traced_step
+        summary = trainer.fit()
+        cpu = torch.tensor(
+            [p["cpu_s"] for p in per_step], dtype=torch.float64, device=trainer.device
+        )
+        dist.all_reduce(cpu, op=dist.ReduceOp.MAX)
+        for p, c in zip(per_step, cpu.tolist()):
+            p["cpu_s"] = c
+        summary["per_step"] = per_step
+        return summary
+    finally:
+        dist.destroy_process_group()
 
 
 def table(rows: list[dict]) -> str:

@@ -43,15 +43,18 @@ def kv_repeats(h_kv: int, ulysses: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _sort_order(layout: str, world: int, ring_rank: int, ulysses: int, n: int):
-    """Permutation sorting the concatenated shards of one Ulysses group by position (the
-    argsort, long (U*n,)), or None when they already are sorted."""
+def sort_orders(layout: str, world: int, ring_rank: int, ulysses: int, n: int, device: str):
+    """(order, inverse) on ``device``: the permutation sorting the concatenated shards of
+    one Ulysses group by position and its inverse (long (U*n,)), or None when they already
+    are sorted. Cached per device, so a call copies nothing from the host."""
     seq = world * n
     cat = torch.cat(
         [local_indices(seq, layout, ring_rank * ulysses + u, world) for u in range(ulysses)]
     )
     order = torch.argsort(cat)
-    return None if torch.equal(order, torch.arange(cat.numel())) else order
+    if torch.equal(order, torch.arange(cat.numel())):
+        return None
+    return order.to(device), torch.argsort(order).to(device)
 
 
 def usp_attention(
@@ -86,10 +89,9 @@ def usp_attention(
         parts = [x.reshape(b, n, U, -1, d) for x in (q, k, v)]
         packed = torch.cat(parts, dim=3).flatten(2, 3)
         x = all_to_all(packed, scatter_dim=2, gather_dim=1, group=ulysses_group)
-        order = _sort_order(layout, U * ring.world, ring.rank, U, n)
-        if order is not None:  # rank-major layout order -> increasing positions
-            order = order.to(q.device)
-            x = x.index_select(1, order)
+        orders = sort_orders(layout, U * ring.world, ring.rank, U, n, str(q.device))
+        if orders is not None:  # rank-major layout order -> increasing positions
+            x = x.index_select(1, orders[0])
         q, k, v = (t.contiguous() for t in x.split([hq, hkv, hkv], dim=2))
     plan = ring_mask_plan(
         layout,
@@ -106,8 +108,8 @@ def usp_attention(
     out, lse = _RingAttention.apply(q, k, v, scale, plan, ring, kernel)
     if U == 1:
         return out, lse
-    if order is not None:
-        inv = torch.argsort(order)
+    if orders is not None:
+        inv = orders[1]
         out, lse = out.index_select(1, inv), lse.index_select(2, inv)
     out = all_to_all(out, scatter_dim=1, gather_dim=2, group=ulysses_group)  # (b, n, h, d)
     if need_lse:

@@ -153,12 +153,16 @@ class Trainer:
         loss_sum = F.cross_entropy(
             logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum"
         )
-        mask = labels != IGNORE
-        correct = (logits.argmax(-1)[mask] == labels[mask]).sum()
+        # a masked sum, not boolean indexing: indexing sizes its output from the mask's
+        # values, a host sync per step
+        correct = ((logits.argmax(-1) == labels) & (labels != IGNORE)).sum()
         return loss_sum, correct
 
     def _reduce(self, *values) -> list[float]:
-        t = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values]).to(self.device)
+        # made on the collective's device (NCCL takes no CPU tensors)
+        t = torch.stack(
+            [torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values]
+        )
         dist.all_reduce(t, group=self.group)
         return t.tolist()
 
@@ -211,8 +215,8 @@ class Trainer:
         loss, correct, n = 0.0, 0.0, 0
         t0 = time.perf_counter()
         for batch in self.data.eval_batches(n_seqs or e.n_seqs, e.batch_size, seq_len, e.seed):
-            l_sum, c = self._loss(batch)
-            loss, correct, n = loss + float(l_sum), correct + float(c), n + batch.n_targets
+            l_sum, c = self._loss(batch)  # summed on the device: no host sync per batch
+            loss, correct, n = loss + l_sum.double(), correct + c, n + batch.n_targets
         loss, correct = self._reduce(loss, correct)
         return {
             "step": self.step - 1,  # index of the last completed step, as in training rows
