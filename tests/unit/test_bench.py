@@ -362,3 +362,29 @@ def test_bench_train_smoke(tmp_path):
     assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1
     assert row["tflops_per_rank"] == pytest.approx(row["mfu"] * row["peak_tflops"], rel=1e-6)
     assert "| 2 | 256 |" in bench_train.table([row])
+
+
+# --- outputs unchanged: every command at a tiny size, against the recorded schema ----------
+
+
+@pytest.fixture(scope="module")
+def golden() -> dict:
+    from tests.unit.bench_outputs import GOLDEN
+
+    return json.loads(GOLDEN.read_text())
+
+
+@pytest.mark.parametrize(
+    "name", ["attention", "scaling", "weak", "memory", "layouts", "peers", "calibrate", "train"]
+)
+def test_bench_outputs_unchanged(name, golden, tmp_path):
+    """JSON field names and table headers of ``ringattn bench NAME`` as recorded."""
+    from tests.unit.bench_outputs import schema
+
+    assert schema(name, tmp_path) == golden[name]
+
+
+def test_check_outputs_unchanged(golden, tmp_path):
+    from tests.unit.bench_outputs import check_schema
+
+    assert check_schema(tmp_path) == golden["check"]
