@@ -11,7 +11,7 @@ import torch
 
 from .comm import Ring
 from .kernels import blockwise_kernel
-from .ring import _RingAttention
+from .ring import ring_pass
 from .schedule import BlockWork
 from .validate import check_qkv
 
@@ -39,7 +39,6 @@ def blockwise_attention(
         )
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     plan = ((BlockWork(slice(0, None), slice(0, None), causal),),)
-    out, lse = _RingAttention.apply(
-        q, k, v, scale, plan, Ring.local(), blockwise_kernel(block_size)
-    )
+    kernel = blockwise_kernel(block_size)
+    out, lse = ring_pass(q, k, v, scale=scale, plan=plan, ring=Ring.local(), kernel=kernel)
     return (out, lse) if return_lse else out

@@ -26,7 +26,7 @@ from .comm import Ring, world_of
 from .kernels import Kernel, get_kernel
 from .layouts import LAYOUTS
 from .mask_plan import ring_mask_plan
-from .ring import _RingAttention
+from .ring import ring_pass
 from .strategies import allgather_attention, hybrid_attention, ulysses_attention
 from .strategies.hybrid import mesh_groups
 from .validate import agree, check_layout_len, check_qkv, dtype_code
@@ -154,7 +154,8 @@ def context_parallel_attention(
         strategy: "ring", "allgather", "ulysses" (needs h % W == 0) or "hybrid".
         causal: causal mask in GLOBAL token positions.
         softmax_scale: defaults to ``d ** -0.5``.
-        layout: "contiguous", "zigzag" or "striped" (:mod:`ringattn.layouts`).
+        layout: "zigzag" (default: equal causal work on every rank, see
+            :func:`ringattn.ring_attention`), "contiguous" or "striped".
         group: process group (default: the world; one process without torch.distributed).
         mesh: for "hybrid": a 2-D DeviceMesh with dims named "ring" and "ulysses".
         cu_seqlens: (n_docs + 1,) int32, GLOBAL document boundaries, 0 first and the global
@@ -219,7 +220,7 @@ def context_parallel_attention(
             window=win,
             device=str(q.device),
         )
-        out, lse = _RingAttention.apply(q, k, v, scale, plan, Ring(group), kern)
+        out, lse = ring_pass(q, k, v, scale=scale, plan=plan, ring=Ring(group), kernel=kern)
     elif strategy == "allgather":
         out, lse = allgather_attention(q, k, v, group=group, **kw)
     elif strategy == "ulysses":

@@ -34,7 +34,7 @@ from ..comm import Ring, all_to_all, world_of
 from ..kernels import Kernel
 from ..layouts import local_indices
 from ..mask_plan import MASK_TILE, ring_mask_plan
-from ..ring import _RingAttention
+from ..ring import ring_pass
 
 
 def kv_repeats(h_kv: int, ulysses: int) -> int:
@@ -103,7 +103,7 @@ def usp_attention(
         tile=min(n, MASK_TILE),  # skip what the ring would skip, at the ring's block size
         device=str(q.device),
     )
-    out, lse = _RingAttention.apply(q, k, v, scale, plan, ring, kernel)
+    out, lse = ring_pass(q, k, v, scale=scale, plan=plan, ring=ring, kernel=kernel)
     if U == 1:
         return out, lse
     if order is not None:
