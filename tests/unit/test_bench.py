@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from ringattn.bench import calibrate, layouts, memory, peers, scaling
+from ringattn.bench import calibrate, harness, layouts, memory, peers, scaling
 from ringattn.bench.cli import COMMANDS, bench_main
-from ringattn.bench.common import markdown_table, problem, read_rows, write_rows
-from ringattn.layouts import shard
+from ringattn.bench.harness import markdown_table, problem, read_rows, write_rows
+from ringattn.layouts import LAYOUTS, shard
 from ringattn.plan.hardware import Hardware
 from ringattn.plan.simulate import simulate
 
@@ -123,7 +123,7 @@ def test_layout_balance(tmp_path):
     assert layouts.balance([1.0, 1.0]) == dict(max_over_min=1.0, max_over_mean=1.0)
     assert layouts.balance([1.0, 3.0]) == dict(max_over_min=3.0, max_over_mean=1.5)
     assert math.isinf(layouts.balance([0.0, 1.0])["max_over_min"])
-    rows = layouts.layout_rows([_ring_result(2, 512, 1.0, lay) for lay in layouts.LAYOUTS])
+    rows = layouts.layout_rows([_ring_result(2, 512, 1.0, lay) for lay in LAYOUTS])
     assert rows[0]["flops_max_over_min"] == 2.0  # the fake contiguous row
     assert rows[1]["flops_max_over_min"] == 1.0
     assert "| zigzag | 1.0 1.0 |" in markdown_table(rows, layouts.COLUMNS)
@@ -264,7 +264,7 @@ def test_planner_rows_linear_for_a_small_model():
 
 def test_memory_measure_call_and_plot(tmp_path):
     row = problem(world=1, seq=256, heads=2, head_dim=16, impl="ring")
-    got = memory.measure_rows([row, dict(row, impl="sdpa")], rank=0, world=1)
+    got = memory.measure_rows(0, 1, [row, dict(row, impl="sdpa")])
     for g in got:
         assert g["peak_live_mb"] > 0
         assert g["inputs_mb"] == pytest.approx(4 * 256 * 2 * 16 * 4 / 2**20)
@@ -285,17 +285,19 @@ def test_memory_measure_call_and_plot(tmp_path):
 
 def test_peer_errors_and_ratios(tmp_path):
     row = problem(world=2, seq=64, heads=2, head_dim=8, peer_bucket=16)
-    ref = peers._reference(row)
+    ref = harness.sdpa_grads(row)
     ref.update(wall_s=1.0, cpu_s=2.0)
     plan = [("ringattn", "zigzag"), ("ring-attention-pytorch", "zigzag")]
-    res = {}
+    res = []
     for r in range(2):
-        exact = {n: shard(ref[n], "zigzag", rank=r, world_size=2) for n in peers.GRADS}
+        exact = {n: shard(ref[n], "zigzag", rank=r, world_size=2) for n in harness.GRADS}
         wrong = dict(exact, dk=exact["dk"] + 1.0)
-        res[r] = {
-            plan[0]: dict(exact, wall_s=1.0, cpu_s=1.0),
-            plan[1]: dict(wrong, wall_s=3.0, cpu_s=4.0),
-        }
+        res += [
+            {
+                plan[0]: dict(exact, wall_s=1.0, cpu_s=1.0),
+                plan[1]: dict(wrong, wall_s=3.0, cpu_s=4.0),
+            }
+        ]
     rows = peer_rows = peers.peer_rows(row, res, ref, plan)
     assert rows[0]["status"] == "exact" and rows[0]["err_out"] == 0.0
     assert rows[1]["status"] == "WRONG dk"
@@ -339,7 +341,7 @@ def test_layouts_smoke_run(tmp_path, capsys):
         == 0
     )
     rows = {r["layout"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert set(rows) == set(layouts.LAYOUTS)
+    assert set(rows) == set(LAYOUTS)
     assert rows["zigzag"]["flops_max_over_min"] == 1.0
     assert rows["contiguous"]["flops_max_over_min"] > 2.5  # ~2W-1 = 3 for large blocks
     assert all(len(r["fwdbwd_cpu_per_rank"]) == 2 for r in rows.values())

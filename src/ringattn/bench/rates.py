@@ -13,7 +13,12 @@ from ..comm import Ring
 from ..kernels import fused
 from ..plan.simulate import BWD_FLOPS_FACTOR
 from ..schedule import ring_plan
-from .common import DTYPES, best_of
+from .harness import DTYPES, timed
+
+
+def least_cpu(fn, repeats: int) -> float:
+    """Least CPU seconds of ``fn()`` over ``repeats`` calls after a warm-up."""
+    return timed(fn, repeats)[0]["cpu_s"]
 
 
 def kernel_rates(row: dict, block: int, repeats: int = 2) -> dict:
@@ -27,17 +32,14 @@ def kernel_rates(row: dict, block: int, repeats: int = 2) -> dict:
     scale = d**-0.5
     out, lse = fused.cpu_forward(q, k, v, causal=False, scale=scale)
     # CPU time, not wall: on a shared machine wall time also counts waiting for a core
-    _, t_fwd = best_of(lambda: fused.cpu_forward(q, k, v, causal=False, scale=scale), repeats)
-    _, t_bwd = best_of(
+    t_fwd = least_cpu(lambda: fused.cpu_forward(q, k, v, causal=False, scale=scale), repeats)
+    t_bwd = least_cpu(
         lambda: fused.cpu_backward(do, q, k, v, out, lse, causal=False, scale=scale), repeats
     )
     fwd_flops = 4.0 * b * h * block * block * d
+    bwd_flops = BWD_FLOPS_FACTOR * fwd_flops / t_bwd
     return dict(
-        block=block,
-        fwd_s=t_fwd,
-        bwd_s=t_bwd,
-        fwd_flops=fwd_flops / t_fwd,
-        bwd_flops=BWD_FLOPS_FACTOR * fwd_flops / t_bwd,
+        block=block, fwd_s=t_fwd, bwd_s=t_bwd, fwd_flops=fwd_flops / t_fwd, bwd_flops=bwd_flops
     )
 
 
@@ -61,36 +63,20 @@ def replay_rank(row: dict, rank: int, repeats: int = 1) -> dict:
 
     def fwd() -> list:
         return [
-            fused.cpu_forward(
-                q[:, :, wk.q],
-                k[:, :, wk.kv],
-                v[:, :, wk.kv],
-                causal=wk.causal,
-                scale=scale,
-                mask=wk.mask,
-            )
-            for wk in works
-        ]
+            fused.cpu_forward(q[:, :, w.q], k[:, :, w.kv], v[:, :, w.kv], causal=w.causal,
+                              scale=scale, mask=w.mask)
+            for w in works
+        ]  # fmt: skip
 
     # each block's own (out, lse), so the backward sees realistic softmax statistics
     fwd_res = fwd()
 
     def bwd() -> None:
-        for wk, (o, lse) in zip(works, fwd_res):
-            fused.cpu_backward(
-                do[:, :, wk.q],
-                q[:, :, wk.q],
-                k[:, :, wk.kv],
-                v[:, :, wk.kv],
-                o,
-                lse,
-                causal=wk.causal,
-                scale=scale,
-                mask=wk.mask,
-            )
+        for w, (o, lse) in zip(works, fwd_res):
+            fused.cpu_backward(do[:, :, w.q], q[:, :, w.q], k[:, :, w.kv], v[:, :, w.kv], o, lse,
+                               causal=w.causal, scale=scale, mask=w.mask)  # fmt: skip
 
-    _, t_fwd = best_of(fwd, repeats)
-    _, t_bwd = best_of(bwd, repeats)
+    t_fwd, t_bwd = least_cpu(fwd, repeats), least_cpu(bwd, repeats)
     return dict(fwd_cpu_s=t_fwd, bwd_cpu_s=t_bwd, fwdbwd_cpu_s=t_fwd + t_bwd)
 
 

@@ -1,0 +1,435 @@
+"""The one harness every ``ringattn bench`` command (and ``ringattn check``) runs on; each
+benchmark module states only what it measures.
+
+* arguments: :func:`parser` (errors are one line naming the option), the shared problem
+  options with their choices (:func:`problem_args`) and :func:`check_problems`, which
+  rejects in the parent, before any rank starts, what the ranks would reject;
+* ranks: :func:`run_ranks` runs ``fn(rank, world, *args)`` on W local gloo ranks through
+  ``ringattn.launch.launch`` (W = 1: in this process, without a process group);
+* clocks: :func:`clock` and :func:`timed` (warm-up, then repeats: the best call and the
+  median);
+* the single-process SDPA reference (times, and out/gradients to compare with);
+* output: rows as JSON lines, markdown tables, the machine stamp, PNG figures.
+
+A benchmark *row* is a flat dict: the problem (world, layout, causal, dtype, seq, batch, heads,
+kv_heads, head_dim, kernel, ...) plus what was measured. Rows go to ``--out`` as JSON lines;
+the table printed on stdout is a view of the same rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels import KERNELS
+from ..launch import init_distributed, launch
+from ..layouts import LAYOUTS, permutation, shard
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+GRADS = ("out", "dq", "dk", "dv")
+
+# --- arguments, checked in the parent -------------------------------------------------------
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are ONE line on stderr: the option, what is wrong, the fix."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parser(name: str, doc: str | None) -> Parser:
+    return Parser(prog=f"ringattn {name}", description=doc)
+
+
+def positive(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return n
+
+
+def problem_args(
+    p: argparse.ArgumentParser, *, world, seq, many=(), dtypes=("fp32", "bf16"), extra=()
+) -> None:
+    """--world, --seq, --layout, --dtype, --heads, --head-dim and ``extra`` of --kv-heads,
+    --kernel, --batch; options named in ``many`` take several values (a sweep)."""
+    n = {k: "+" if k in many else None for k in ("world", "seq", "layout", "dtype")}
+    p.add_argument("--world", type=positive, nargs=n["world"], default=world)
+    if seq is not None:
+        p.add_argument("--seq", type=positive, nargs=n["seq"], default=seq)
+    lay = list(LAYOUTS) if "layout" in many else "zigzag"
+    p.add_argument("--layout", nargs=n["layout"], default=lay, choices=LAYOUTS)
+    dt = ["fp32"] if "dtype" in many else "fp32"
+    p.add_argument("--dtype", nargs=n["dtype"], default=dt, choices=list(dtypes))
+    p.add_argument("--heads", type=positive, default=8)
+    p.add_argument("--head-dim", type=positive, default=64)
+    if "kv_heads" in extra:
+        p.add_argument("--kv-heads", type=positive, default=None)
+    if "kernel" in extra:
+        p.add_argument("--kernel", default="auto", choices=KERNELS)
+    if "batch" in extra:
+        p.add_argument("--batch", type=positive, default=1)
+
+
+def problem_error(row: dict, world_opt: str = "--world", seq_opt: str = "--seq") -> str | None:
+    """Why the ranks would reject ``row`` (a one-line message naming the option), or None."""
+    w, s, lay, h, hk = row["world"], row["seq"], row["layout"], row["heads"], row["kv_heads"]
+    step = 2 * w if lay == "zigzag" else w
+    if s % step:
+        why = "zigzag splits it into 2W chunks" if lay == "zigzag" else "each rank holds seq / W"
+        return (
+            f"{seq_opt}: global sequence {s} with --layout {lay} and {world_opt} {w} must be "
+            f"a multiple of {step} ({why}); use {max(s // step, 1) * step} or "
+            f"{-(-s // step) * step}"
+        )
+    if h % hk:
+        return f"--heads {h} must be a multiple of --kv-heads {hk} (GQA shares each K/V head)"
+    if row.get("strategy") == "ulysses" and h % w:
+        return f"--strategy ulysses splits --heads {h} over {world_opt} {w}: use heads % W == 0"
+    return None
+
+
+def check_problems(p: argparse.ArgumentParser, rows: Iterable[dict], **opts) -> None:
+    """``p.error`` (one line, exit 2) on the first row the ranks would reject."""
+    for row in rows:
+        msg = problem_error(row, **opts)
+        if msg:
+            p.error(msg)
+
+
+def problem(
+    *,
+    world: int,
+    seq: int,
+    layout: str = "zigzag",
+    causal: bool = True,
+    dtype: str = "fp32",
+    batch: int = 1,
+    heads: int = 8,
+    kv_heads: int | None = None,
+    head_dim: int = 64,
+    kernel: str = "auto",
+    strategy: str = "ring",
+    **extra,
+) -> dict:
+    """One benchmark row's problem description (the keys ``bench attention`` rows use)."""
+    return dict(
+        world=world, strategy=strategy, layout=layout, causal=causal, dtype=dtype, seq=seq,
+        batch=batch, heads=heads, kv_heads=kv_heads or heads, head_dim=head_dim, kernel=kernel,
+        **extra,
+    )  # fmt: skip
+
+
+SHAPE = ("layout", "causal", "dtype", "batch", "heads", "kv_heads", "head_dim", "kernel")
+
+
+def problem_of(args: argparse.Namespace, **over) -> dict:
+    """:func:`problem` from the shape options this command has; ``over`` replaces any."""
+    return problem(**{k: getattr(args, k) for k in SHAPE if hasattr(args, k)} | over)
+
+
+# --- inputs and ranks -----------------------------------------------------------------------
+
+
+def make_inputs(row: dict, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Global q (b, s, h, d), k, v (b, s, h_kv, d) and dout (b, s, h, d), seeded, CPU."""
+    g = torch.Generator().manual_seed(seed)
+    b, s, h, hk, d = row["batch"], row["seq"], row["heads"], row["kv_heads"], row["head_dim"]
+    dt = DTYPES[row["dtype"]]
+    shapes = ((b, s, h, d), (b, s, hk, d), (b, s, hk, d), (b, s, h, d))
+    return tuple(torch.randn(shape, generator=g).to(dt) for shape in shapes)
+
+
+def local_inputs(row: dict, rank: int, world: int, layout: str | None = None, grad=False):
+    """This rank's shards of :func:`make_inputs` (contiguous): q, k, v (requiring grad when
+    ``grad``) and dout."""
+    lay = layout or row["layout"]
+    q, k, v, do = (
+        shard(t, lay, rank=rank, world_size=world).contiguous() for t in make_inputs(row)
+    )
+    return (*(t.requires_grad_(grad) for t in (q, k, v)), do)
+
+
+def block_bytes(row: dict) -> int:
+    """Bytes of one rank's local q block (b, s/W, h, d): the unit of the memory tables."""
+    local = row["seq"] // row["world"]
+    return row["batch"] * local * row["heads"] * row["head_dim"] * DTYPE_BYTES[row["dtype"]]
+
+
+def _on_rank(fn: Callable, threads: int, args: tuple):
+    rank, world, _ = init_distributed(threads=threads, device="cpu")
+    return fn(rank, world, *args)
+
+
+def run_ranks(fn: Callable, world: int, *args, threads: int = 1, here: bool | None = None):
+    """``fn(rank, world, *args)`` on ``world`` local gloo ranks, results in rank order.
+
+    One launch (``fn`` must be module-level). ``here`` (default: ``world == 1``) runs the one
+    rank in this process instead, without a process group.
+    """
+    if world == 1 if here is None else here:
+        return [fn(0, 1, *args)]
+    res = launch(_on_rank, world, fn, threads, args)
+    return [res[r] for r in range(world)]
+
+
+def barrier() -> None:
+    """Line the ranks up before a clock starts (nothing without a process group)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+# --- clocks ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def clock(into: dict, key: str = ""):
+    """Wall time into ``into[key + '_s']`` (``'wall_s'`` without a key) and this process's
+    CPU time (all its threads, gloo's included) into ``into[key + '_cpu_s']`` (``'cpu_s'``)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    yield
+    into[f"{key}_s" if key else "wall_s"] = time.perf_counter() - t0
+    into[f"{key}_cpu_s" if key else "cpu_s"] = time.process_time() - c0
+
+
+def timed(run: Callable, repeats: int, key: str = "cpu_s", warmup: int = 1) -> tuple[dict, float]:
+    """``warmup`` untimed calls, then ``repeats`` timed ones. ``run()`` returns a dict of its
+    own measurements (e.g. from :func:`clock`), or anything else to be clocked whole
+    (``wall_s``, ``cpu_s``). Returns the call with the least ``key`` and the median of ``key``.
+
+    CPU time is the one to trust on a busy machine: it does not count waiting for a core.
+    """
+    for _ in range(warmup):
+        run()
+    runs = []
+    for _ in range(max(repeats, 1)):
+        m: dict = {}
+        with clock(m):
+            got = run()
+        runs.append(got if isinstance(got, dict) else m)
+    return min(runs, key=lambda r: r[key]), statistics.median(r[key] for r in runs)
+
+
+# --- the single-process SDPA reference ------------------------------------------------------
+
+
+def _sdpa(row: dict, q, k, v):
+    gqa = row["heads"] != row["kv_heads"]
+    return F.scaled_dot_product_attention(q, k, v, is_causal=row["causal"], enable_gqa=gqa)
+
+
+def sdpa_reference(row: dict, repeats: int) -> dict:
+    """Single-process ``F.scaled_dot_product_attention`` on the whole problem, in this
+    process (set its threads first): best fwd and fwd+bwd wall and CPU seconds."""
+    q, k, v, do = (t.transpose(1, 2) for t in make_inputs(row))  # (b, h, s, d) views
+
+    def run() -> dict:
+        ql, kl, vl = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        m: dict = {}
+        with torch.no_grad(), clock(m, "fwd"):
+            _sdpa(row, q, k, v)
+        with clock(m, "fwdbwd"):
+            _sdpa(row, ql, kl, vl).backward(do)
+        return m
+
+    return timed(run, repeats, key="fwdbwd_s")[0]
+
+
+class ReferenceCache:
+    """SDPA reference timings keyed by the global problem, so sweeps over W time it once."""
+
+    KEYS = ("seq", "causal", "dtype", "batch", "heads", "kv_heads", "head_dim")
+
+    def __init__(self, repeats: int):
+        self.repeats, self._done = repeats, {}
+
+    def __call__(self, row: dict) -> dict:
+        key = tuple(row[k] for k in self.KEYS)
+        if key not in self._done:
+            self._done[key] = sdpa_reference(row, self.repeats)
+        return self._done[key]
+
+
+def sdpa_grads(row: dict, inputs=None) -> dict:
+    """One SDPA fwd+bwd on the whole problem (``inputs``: :func:`make_inputs`, made here when
+    None): out, dq, dk, dv (b, s, h, d) in global order, and its ``wall_s`` / ``cpu_s``."""
+    q, k, v, do = (t.transpose(1, 2) for t in inputs or make_inputs(row))  # (b, h, s, d) views
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    m: dict = {}
+    with clock(m):
+        out = _sdpa(row, q, k, v)
+        out.backward(do)
+    got = dict(out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad)
+    return dict(m, **{n: t.transpose(1, 2) for n, t in got.items()})
+
+
+def max_errors(ref: dict, per_rank: list[dict], layout: str, world: int) -> dict:
+    """Max |ranks - ref| of out, dq, dk, dv after restoring the global token order."""
+    inv = torch.argsort(permutation(ref["out"].shape[1], layout, world))
+    got = {n: torch.cat([r[n] for r in per_rank], dim=1)[:, inv] for n in GRADS}
+    return {n: float((got[n].float() - ref[n].float()).abs().max()) for n in GRADS}
+
+
+# --- the machine ----------------------------------------------------------------------------
+
+
+def cores() -> int:
+    """CPU cores this process may run on (what W local ranks share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """What a row was measured on; the load average says how busy the box was meanwhile."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return dict(cpu=cpu_model(), cores=cores(), torch=torch.__version__, cuda=cuda, loadavg_1m=load)
+
+
+def machine_line(m: dict | None = None) -> str:
+    m = m or machine()
+    dev = f", GPU {m['cuda']}" if m.get("cuda") else ", no GPU"
+    load = f", load avg {m['loadavg_1m']:.1f}" if m.get("loadavg_1m") is not None else ""
+    return f"{m['cpu']}, {m['cores']} cores{dev}, torch {m['torch']}{load}"
+
+
+def stamp(rows: list[dict], bench: str, **extra) -> list[dict]:
+    """Each row with the benchmark's name and the machine (one stamp per run)."""
+    m = machine()
+    return [dict(r, bench=bench, machine=m, **extra) for r in rows]
+
+
+# --- output ---------------------------------------------------------------------------------
+
+
+def add_output_args(p: argparse.ArgumentParser, name: str | None) -> None:
+    """``--out`` (JSON lines, appended; ``name=None``: stdout), ``--png`` and ``--md``."""
+    out = f"runs/bench/{name}.jsonl" if name else None
+    p.add_argument("--out", default=out, help=f"append JSON lines here (default {out or 'stdout'})")
+    p.add_argument("--png", default=None, help="write the plot here")
+    p.add_argument("--md", default=None, help="also write the markdown table here")
+
+
+def write_rows(rows: Iterable[dict], path: str | None) -> None:
+    """Append rows as JSON lines (``None`` or ``'-'``: write nothing)."""
+    if not path or path == "-":
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def row_sink(path: str | None) -> Callable[[dict], None]:
+    """Writes each row as soon as it is measured: to ``path``, or on stdout without one."""
+    if path:
+        return lambda row: write_rows([row], path)
+    return lambda row: print(json.dumps(row), flush=True)
+
+
+def read_rows(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+Column = tuple[str, str, "str | Callable[[dict], str]"]
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[Column]) -> str:
+    """``columns``: (key, header, format) where format is a ``str.format`` pattern applied to
+    ``row[key]`` or a function of the whole row; a missing value prints as ``-``."""
+
+    def cell(r: dict, key: str, fmt) -> str:
+        if callable(fmt):
+            return fmt(r)
+        v = r.get(key)
+        return "-" if v is None else fmt.format(v)
+
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(cell(r, k, f) for k, _, f in columns) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def report(rows: list[dict], tables: str, args, notes: str = "", plot=None) -> int:
+    """Write the JSON lines, the optional markdown file and ``plot(rows, args.png)``; print
+    the tables on stdout. Returns 0 (a command's exit code)."""
+    write_rows(rows, args.out)
+    text = tables + (f"\n\n{notes}" if notes else "")
+    print(text)
+    if getattr(args, "md", None):
+        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.md).write_text(text + "\n")
+    if args.out and args.out != "-":
+        print(f"\nrows appended to {args.out}", file=sys.stderr)
+    if plot is not None and getattr(args, "png", None):
+        plot(rows, args.png)
+    return 0
+
+
+def pyplot():
+    """matplotlib.pyplot with the file-only Agg backend (imported only when plotting)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def style(ax, xlabel: str, ylabel: str, title=None, logx=None, logy=None, ticks=None, legend=8):
+    """Labels, log scales (``logx``/``logy``: the base, 10 or 2), integer x ticks, grid and
+    legend (its font size; 0: none) of one subplot."""
+    if logx:
+        ax.set_xscale("log", base=logx)
+    if logy:
+        ax.set_yscale("log", base=logy)
+    if ticks:
+        ax.set_xticks(ticks, [str(x) for x in ticks])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=legend)
+
+
+def save(fig, path: str, title_note: str | None = None) -> None:
+    """Save ``fig`` as a PNG; ``title_note`` (e.g. the machine) goes under the plots."""
+    if title_note:
+        fig.text(0.5, 0.005, title_note, ha="center", va="bottom", fontsize=7, color="0.35")
+        fig.tight_layout(rect=(0, 0.03, 1, 1))
+    else:
+        fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    print(f"wrote {path}", file=sys.stderr)
