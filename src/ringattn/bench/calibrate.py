@@ -1,30 +1,13 @@
 """``ringattn bench calibrate``: measure this machine's kernel and gloo rates, feed them to the
 ring simulator, and compare its prediction with ring attention measured at W = 2, 4, 8.
 
-What is measured:
-
-* **kernel**: the CPU fused op ringattn uses (``_scaled_dot_product_flash_attention_for_cpu``
-  and its backward, through ``ringattn.kernels.fused``), 1 thread, on one full ``c x c``
-  block with ``c = seq / W`` -- the block size of each W. Forward FLOP/s counts
-  ``4 b h c^2 d``; backward ``10 b h c^2 d`` (2.5x, the simulator's convention). Timed in
-  CPU time (least of a few calls), which other processes on the machine do not inflate.
-* **link**: ``ringattn.comm.Ring.exchange`` (the ring's own isend/irecv pair, K and V as two
-  tensors) between 2 ranks, for 64 B to 16 MiB, wall time (least of a few): latency = the
-  64 B exchange, bandwidth = the fitted slope of the rest (:func:`fit_link`). The same
-  exchange with all W ranks at once is reported per W too.
-* **ring**: ``ringattn bench attention``'s per-rank timing (best of ``--repeats`` after a
-  warm-up) of the same problem in the same launch.
-
-How the simulator is fed (``plan.hardware.calibrate_from``, ``plan.simulate.simulate``): the
-forward is simulated with the forward rate, the backward with the backward rate (they differ
-on CPU; the simulator has one rate per run). Two predictions per W:
-
-* **shared cores** (compared with wall time): W ranks share ``cores`` cores, so each rank
-  gets ``share = min(1, cores / W)`` of a core: kernel rates *and* link bandwidth (gloo's
-  TCP copies run on the same cores) are multiplied by ``share``.
-* **own core** (compared with the busiest rank's CPU time): ``share = 1``; the simulator's
-  compute-only busy time of the busiest rank. CPU time includes gloo's copy threads and the
-  LSE merges, not time spent waiting, so this isolates the compute model.
+Measured (:mod:`ringattn.bench.rates`): the CPU fused op's forward and backward FLOP/s on one
+full ``c x c`` block (``c = seq / W``, CPU time), the ring exchange between 2 and between W
+ranks (latency and fitted bandwidth), the ring itself (``bench attention``'s timing) and the
+busiest rank's kernel calls replayed without the ring. The simulator runs the forward at the
+forward rate and the backward at the backward rate, twice per W: with the rates (and gloo's
+bandwidth) scaled by a rank's share of the cores, against wall time; and with a core of its
+own, against the busiest rank's CPU time. Method and results: docs/benchmarks.md.
 """
 
 from __future__ import annotations

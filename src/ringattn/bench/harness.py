@@ -114,35 +114,21 @@ def check_problems(p: argparse.ArgumentParser, rows: Iterable[dict], **opts) -> 
             p.error(msg)
 
 
-def problem(
-    *,
-    world: int,
-    seq: int,
-    layout: str = "zigzag",
-    causal: bool = True,
-    dtype: str = "fp32",
-    batch: int = 1,
-    heads: int = 8,
-    kv_heads: int | None = None,
-    head_dim: int = 64,
-    kernel: str = "auto",
-    strategy: str = "ring",
-    **extra,
-) -> dict:
-    """One benchmark row's problem description (the keys ``bench attention`` rows use)."""
-    return dict(
-        world=world, strategy=strategy, layout=layout, causal=causal, dtype=dtype, seq=seq,
-        batch=batch, heads=heads, kv_heads=kv_heads or heads, head_dim=head_dim, kernel=kernel,
-        **extra,
-    )  # fmt: skip
+# a row's problem keys, in order, with their defaults (``seq`` and ``world`` have none)
+PROBLEM = dict(strategy="ring", layout="zigzag", causal=True, dtype="fp32", seq=None, batch=1,
+               heads=8, kv_heads=None, head_dim=64, kernel="auto")  # fmt: skip
 
 
-SHAPE = ("layout", "causal", "dtype", "batch", "heads", "kv_heads", "head_dim", "kernel")
+def problem(*, world: int, seq: int, **kw) -> dict:
+    """One benchmark row's problem description (the keys ``bench attention`` rows use);
+    keys beyond :data:`PROBLEM` follow them."""
+    row = dict(world=world, **PROBLEM) | dict(seq=seq, **kw)
+    return row | dict(kv_heads=row["kv_heads"] or row["heads"])
 
 
 def problem_of(args: argparse.Namespace, **over) -> dict:
-    """:func:`problem` from the shape options this command has; ``over`` replaces any."""
-    return problem(**{k: getattr(args, k) for k in SHAPE if hasattr(args, k)} | over)
+    """:func:`problem` from the options this command has; ``over`` replaces any."""
+    return problem(**{k: getattr(args, k) for k in PROBLEM if hasattr(args, k)} | over)
 
 
 # --- inputs and ranks -----------------------------------------------------------------------
@@ -173,20 +159,21 @@ def block_bytes(row: dict) -> int:
     return row["batch"] * local * row["heads"] * row["head_dim"] * DTYPE_BYTES[row["dtype"]]
 
 
-def _on_rank(fn: Callable, threads: int, args: tuple):
-    rank, world, _ = init_distributed(threads=threads, device="cpu")
+def _on_rank(fn: Callable, threads: int, device: str, args: tuple):
+    rank, world, _ = init_distributed(threads=threads, device=device)
     return fn(rank, world, *args)
 
 
-def run_ranks(fn: Callable, world: int, *args, threads: int = 1, here: bool | None = None):
-    """``fn(rank, world, *args)`` on ``world`` local gloo ranks, results in rank order.
+def run_ranks(fn: Callable, world: int, *args, threads=1, device="cpu", here=None) -> list:
+    """``fn(rank, world, *args)`` on ``world`` local ranks (gloo on ``device="cpu"``),
+    results in rank order.
 
     One launch (``fn`` must be module-level). ``here`` (default: ``world == 1``) runs the one
     rank in this process instead, without a process group.
     """
     if world == 1 if here is None else here:
         return [fn(0, 1, *args)]
-    res = launch(_on_rank, world, fn, threads, args)
+    res = launch(_on_rank, world, fn, threads, device, args)
     return [res[r] for r in range(world)]
 
 
@@ -230,7 +217,8 @@ def timed(run: Callable, repeats: int, key: str = "cpu_s", warmup: int = 1) -> t
 # --- the single-process SDPA reference ------------------------------------------------------
 
 
-def _sdpa(row: dict, q, k, v):
+def sdpa(row: dict, q, k, v):
+    """``F.scaled_dot_product_attention`` of q (b, h, s, d), k, v (b, h_kv, s, d) for ``row``."""
     gqa = row["heads"] != row["kv_heads"]
     return F.scaled_dot_product_attention(q, k, v, is_causal=row["causal"], enable_gqa=gqa)
 
@@ -244,9 +232,9 @@ def sdpa_reference(row: dict, repeats: int) -> dict:
         ql, kl, vl = (t.detach().clone().requires_grad_() for t in (q, k, v))
         m: dict = {}
         with torch.no_grad(), clock(m, "fwd"):
-            _sdpa(row, q, k, v)
+            sdpa(row, q, k, v)
         with clock(m, "fwdbwd"):
-            _sdpa(row, ql, kl, vl).backward(do)
+            sdpa(row, ql, kl, vl).backward(do)
         return m
 
     return timed(run, repeats, key="fwdbwd_s")[0]
@@ -274,7 +262,7 @@ def sdpa_grads(row: dict, inputs=None) -> dict:
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     m: dict = {}
     with clock(m):
-        out = _sdpa(row, q, k, v)
+        out = sdpa(row, q, k, v)
         out.backward(do)
     got = dict(out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad)
     return dict(m, **{n: t.transpose(1, 2) for n, t in got.items()})
@@ -292,25 +280,19 @@ def max_errors(ref: dict, per_rank: list[dict], layout: str, world: int) -> dict
 
 def cores() -> int:
     """CPU cores this process may run on (what W local ranks share)."""
-    try:
+    if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return os.cpu_count() or 1  # not Linux
 
 
 def machine() -> dict:
     """What a row was measured on; the load average says how busy the box was meanwhile."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return dict(cpu=cpu_model(), cores=cores(), torch=torch.__version__, cuda=cuda, loadavg_1m=load)
+    return dict(cpu=cpu, cores=cores(), torch=torch.__version__, cuda=cuda, loadavg_1m=load)
 
 
 def machine_line(m: dict | None = None) -> str:

@@ -1,33 +1,21 @@
 """``ringattn bench memory``: per-rank peak memory of attention fwd+bwd vs sequence and W, and
 the longest context a fixed per-rank budget allows, measured and from the planner.
 
-How memory is measured (CPU has no allocator statistics):
-
-* **live tensor bytes** (the primary number): a ``TorchDispatchMode`` sees every tensor an
-  op returns inside the measured call, counts its storage once, and subtracts it when the
-  storage is freed (a weakref callback on the storage). The peak of that sum is the largest
-  set of tensors alive at once: outputs, gradients, fp32 accumulators, received K/V and
-  dK/dV buffers, masks. Not seen: scratch memory a fused kernel allocates internally in C++
-  (the CPU flash kernel's per-thread tiles, ~(q tile x kv tile) floats, well under 1 MB).
-  The inputs (q, k, v, dout shards) exist before the call and are added separately.
-* **peak RSS growth** (the cross-check, includes kernel scratch and allocator slack): the
-  kernel's high-water mark is reset (``/proc/self/clear_refs``) before the call, and glibc is
-  told to serve every allocation above 64 KiB by mmap so freed tensors leave RSS at once;
-  growth = VmHWM after - VmRSS before. Page-granular and noisier; Linux only.
-
-Both are per process, i.e. per rank; a row reports the largest rank. The ring's per-rank
-memory depends on the local block ``s / W`` only, so for a fixed budget the longest context
-grows linearly in W. ``max context`` rows fit ``peak = a * seq + b`` per W on the measured
-points and solve for the budget, next to the planner's ``max_context`` for a model preset.
+CPU has no allocator statistics, so a row gives (per rank, the largest rank) the peak of the
+tensor bytes alive during the call (:class:`LiveBytes`, beyond the inputs) and, as a
+cross-check that includes kernel scratch, the peak RSS growth (Linux). The ring's memory
+depends on the local block ``s / W`` only, so ``max context`` rows fit
+``peak = a * seq + b`` per W and solve for the budget, next to the planner's ``max_context``.
+Method and results: docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import weakref
 
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -38,7 +26,11 @@ MB = 2**20
 
 
 class LiveBytes(TorchDispatchMode):
-    """Tracks bytes of tensor storages created inside the mode: ``live`` now, ``peak`` max."""
+    """Tracks bytes of tensor storages created inside the mode: ``live`` now, ``peak`` max.
+
+    Each storage counts once, from the op that returns it until it is freed. Not seen:
+    scratch a fused kernel allocates inside C++ (the CPU flash kernel's tiles, under 1 MB).
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -78,44 +70,34 @@ class LiveBytes(TorchDispatchMode):
 
 
 def _proc_status_mb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        return next((int(ln.split()[1]) / 1024 for ln in f if ln.startswith(field + ":")), None)
     return None
 
 
 def prepare_rss() -> bool:
     """mmap every allocation above 64 KiB (glibc) so RSS follows live memory; False if the
     platform cannot (then RSS growth is reported as None)."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ok = ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
         return bool(ok) and _proc_status_mb("VmHWM") is not None
-    except (OSError, AttributeError):
-        return False
+    return False
 
 
 def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
         return True
-    except OSError:
-        return False
+    return False
 
 
 def measure_call(fn, rss: bool) -> dict:
-    """Run ``fn()`` once; peak extra live tensor bytes and peak RSS growth (MB or None)."""
-    can_rss = rss and _reset_hwm()
-    before = _proc_status_mb("VmRSS") if can_rss else None
+    """Run ``fn()`` once; peak extra live tensor bytes and peak RSS growth (MB or None):
+    the peak RSS is reset before the call, growth = VmHWM after - VmRSS before."""
+    before = _proc_status_mb("VmRSS") if rss and _reset_hwm() else None
     with LiveBytes() as live:
         fn()
-    growth = None
-    if before is not None:
-        growth = _proc_status_mb("VmHWM") - before
+    growth = None if before is None else _proc_status_mb("VmHWM") - before
     return dict(peak_live_mb=live.peak / MB, rss_growth_mb=growth)
 
 
@@ -125,8 +107,7 @@ def _call(row: dict, rank: int, world: int):
     if row["impl"] == "sdpa":
         q, k, v, do = (t.transpose(1, 2) for t in h.make_inputs(row))  # (b, h, s, d)
         q, k, v = (t.requires_grad_() for t in (q, k, v))
-        gqa, causal = row["heads"] != row["kv_heads"], row["causal"]
-        attn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+        attn = lambda: h.sdpa(row, q, k, v)
     else:
         q, k, v, do = h.local_inputs(row, rank, world, grad=True)
         attn = lambda: ring_attention(q, k, v, causal=row["causal"], layout=row["layout"])

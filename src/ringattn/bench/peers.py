@@ -1,23 +1,13 @@
 """``ringattn bench peers``: other context-parallel attention implementations, side by side with
-ringattn in the same ranks, on the same global problem, in the same run.
+ringattn in the same ranks, on the same global problem, in the same run: fwd+bwd wall and
+CPU time, ratios to ringattn with the same layout, and the max error of out, dq, dk, dv
+against single-process SDPA (a fast wrong answer is not a win).
 
-Per implementation: fwd+bwd wall time (slowest rank) and CPU time summed over ranks, the
-ratios to ringattn with the same layout, and the max error of out, dq, dk, dv against
-single-process SDPA (exactness is part of the comparison: a fast wrong answer is not a win).
-
-* ``ring-attention-pytorch`` (lucidrains; CPU path ``ring_flash_attn`` with
-  ``ring_reduce_col=True``: pure-torch einsum tiles of ``--peer-bucket`` tokens). Contiguous
-  and striped layouts (its striped mode needs one bucket per rank). Imported lazily; skipped
-  with a note when absent (``pip install --no-deps ring-attention-pytorch einops beartype
-  jaxtyping wadler-lindig``: plain ``pip install`` may replace torch).
-  ringattn with ``kernel="blockwise"`` (also pure torch) runs too, to separate the
-  algorithm from the kernel.
-* PyTorch's native context parallel (``torch.distributed.tensor.experimental.
-  context_parallel``): attempted on CPU; the error it raises is recorded as the row's status.
-* ``ring-flash-attn`` and ``flash_attn``: CUDA only; recorded as skipped without a GPU.
-
-Each implementation first runs a tiny problem (gloo connects pairs lazily), then
-``--repeats`` timed runs of the full one; the best wall time and the least CPU time count.
+Peers: ``ring-attention-pytorch`` (its CPU path, when installed: ``pip install --no-deps
+ring-attention-pytorch einops beartype jaxtyping wadler-lindig``), ringattn with its
+pure-torch blockwise kernel, PyTorch's native ``context_parallel`` (attempted on CPU: the
+error it raises is the row's status), ``ring-flash-attn`` and ``flash_attn`` (CUDA only).
+Each runs a tiny problem first (gloo connects pairs lazily), then ``--repeats`` timed runs.
 """
 
 from __future__ import annotations
