@@ -7,8 +7,6 @@ is bounded by the block size in both directions.
 
 from __future__ import annotations
 
-import torch
-
 from .comm import Ring
 from .kernels import blockwise_kernel
 from .ring import ring_pass
@@ -17,14 +15,7 @@ from .validate import check_qkv
 
 
 def blockwise_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool = False,
-    softmax_scale: float | None = None,
-    block_size: int = 256,
-    return_lse: bool = False,
+    q, k, v, *, causal=False, softmax_scale=None, block_size=256, return_lse=False
 ):
     """Exact attention on one device with memory bounded by ``block_size``.
 

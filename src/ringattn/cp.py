@@ -211,14 +211,7 @@ def context_parallel_attention(
     if strategy == "ring":
         rank, _ = ranks[0]
         plan = ring_mask_plan(
-            layout,
-            world,
-            rank,
-            q.shape[1],
-            causal=causal,
-            cu=cu,
-            window=win,
-            device=str(q.device),
+            layout, world, rank, q.shape[1], causal=causal, cu=cu, window=win, device=str(q.device)
         )
         out, lse = ring_pass(q, k, v, scale=scale, plan=plan, ring=Ring(group), kernel=kern)
     elif strategy == "allgather":

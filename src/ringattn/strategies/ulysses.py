@@ -115,21 +115,7 @@ def usp_attention(
     return out, lse
 
 
-def ulysses_attention(
-    q, k, v, *, scale, causal, layout, cu, window, kernel: Kernel, group=None, need_lse=True
-):
-    """Ulysses over ``group``: inputs already validated (h % W == 0)."""
-    return usp_attention(
-        q,
-        k,
-        v,
-        scale=scale,
-        causal=causal,
-        layout=layout,
-        cu=cu,
-        window=window,
-        kernel=kernel,
-        ulysses_group=group,
-        ring=Ring.local(),
-        need_lse=need_lse,
-    )
+def ulysses_attention(q, k, v, *, group=None, **kw):
+    """Ulysses over ``group``: inputs already validated (h % W == 0). ``kw``: the options
+    of :func:`usp_attention`."""
+    return usp_attention(q, k, v, ulysses_group=group, ring=Ring.local(), **kw)
