@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from ringattn.bench import calibrate, harness, layouts, memory, peers, scaling
+from ringattn.bench import calibrate, harness, layouts, memory, peers, rates, scaling
 from ringattn.bench.cli import COMMANDS, bench_main
 from ringattn.bench.harness import markdown_table, problem, read_rows, write_rows
 from ringattn.layouts import LAYOUTS, shard
@@ -138,7 +138,7 @@ def test_fit_link_recovers_latency_and_bandwidth():
     lat, bw = 2e-4, 1.5e9
     sizes = [64, 1 << 20, 4 << 20, 16 << 20]
     times = [lat + n / bw for n in sizes]
-    got_lat, got_bw = calibrate.fit_link(sizes, times)
+    got_lat, got_bw = rates.fit_link(sizes, times)
     assert got_lat == pytest.approx(lat, rel=1e-3)
     assert got_bw == pytest.approx(bw, rel=1e-3)
 
@@ -202,24 +202,24 @@ def test_calibration_rows_and_plot(tmp_path):
 
 
 def test_core_share():
-    assert calibrate.core_share(2, 2) == 1.0
-    assert calibrate.core_share(8, 2) == 0.25
-    assert calibrate.core_share(2, 2, probe=0.99) == 1.0  # cannot see a lone other process
+    assert rates.core_share(2, 2) == 1.0
+    assert rates.core_share(8, 2) == 0.25
+    assert rates.core_share(2, 2, probe=0.99) == 1.0  # cannot see a lone other process
     # half a core for one process on 2 cores: 3 others; 2 ranks share 2 cores with them
-    assert calibrate.core_share(2, 2, probe=0.5) == pytest.approx(2 / 5)
-    assert 0 < calibrate.probe_share(0.05) <= 1.0
+    assert rates.core_share(2, 2, probe=0.5) == pytest.approx(2 / 5)
+    assert 0 < rates.probe_share(0.05) <= 1.0
 
 
 def test_replay_rank_follows_the_schedule():
     """Contiguous causal: rank 0 computes only its diagonal, the last rank W blocks."""
     row = problem(world=4, seq=1024, layout="contiguous", heads=2, head_dim=16)
-    first, last = calibrate.replay_rank(row, 0), calibrate.replay_rank(row, 3)
+    first, last = rates.replay_rank(row, 0), rates.replay_rank(row, 3)
     assert last["fwdbwd_cpu_s"] > first["fwdbwd_cpu_s"]
     assert first["fwdbwd_cpu_s"] == pytest.approx(first["fwd_cpu_s"] + first["bwd_cpu_s"])
 
 
 def test_kernel_rates_small_block():
-    r = calibrate.kernel_rates(problem(world=1, seq=64, heads=2, head_dim=16), block=64)
+    r = rates.kernel_rates(problem(world=1, seq=64, heads=2, head_dim=16), block=64)
     assert r["fwd_flops"] > 0 and r["bwd_flops"] > 0
     assert r["fwd_flops"] == pytest.approx(4.0 * 2 * 64 * 64 * 16 / r["fwd_s"])
 

@@ -124,14 +124,13 @@ def _mb(r: dict) -> str:
     return "-" if v is None else f"{v / 2**20:.1f}"
 
 
-COLUMNS = [
-    ("world", "W", "{}"), ("strategy", "strategy", "{}"), ("layout", "layout", "{}"),
-    ("causal", "causal", "{}"), ("dtype", "dtype", "{}"), ("seq", "seq", "{}"),
-    ("fwd_s", "fwd s", "{:.3f}"), ("fwdbwd_s", "f+b s", "{:.3f}"),
-    ("tflops_fwdbwd_per_rank", "TF/s/rank", "{:.3f}"), ("wait_fwdbwd_s", "wait s", "{:.3f}"),
-    ("bytes_sent_fwdbwd", "MB sent", _mb), ("peak_rss_mb", "RSS MB", "{:.0f}"),
-    ("sdpa_fwdbwd_cpu_s", "sdpa cpu s", "{:.3f}"), ("cpu_ratio_fwdbwd", "cpu ratio", "{:.2f}"),
-]  # fmt: skip
+COLUMNS = h.columns(
+    "world=W; strategy=strategy; layout=layout; causal=causal; dtype=dtype; seq=seq; "
+    "fwd_s=fwd s:.3f; fwdbwd_s=f+b s:.3f; tflops_fwdbwd_per_rank=TF/s/rank:.3f; "
+    "wait_fwdbwd_s=wait s:.3f; bytes_sent_fwdbwd=MB sent; peak_rss_mb=RSS MB:.0f; "
+    "sdpa_fwdbwd_cpu_s=sdpa cpu s:.3f; cpu_ratio_fwdbwd=cpu ratio:.2f",
+    bytes_sent_fwdbwd=_mb,
+)
 
 
 def table(rows: list[dict]) -> str:

@@ -22,8 +22,6 @@ from .attention import summarize, time_rows
 from .rates import core_share, fit_link, kernel_rates, probe_share, replay_rank, time_exchanges
 
 MSG_BYTES = (64, 1 << 20, 4 << 20, 16 << 20)  # per exchange: K and V, half each
-__all__ = ["calibration_rows", "core_share", "fit_link", "kernel_rates", "main", "plot"]
-__all__ += ["predict", "probe_share", "rel_err", "replay_rank"]
 
 
 def _rank(rank: int, world: int, rows: list[dict], link_repeats: int, repeats: int) -> dict:
@@ -119,36 +117,31 @@ def _ms(key: str):
     return lambda r: f"{r[key] * 1e3:.3f}"
 
 
-INPUT_COLUMNS = [
-    ("world", "W", "{}"), ("block", "block c", "{}"),
-    ("kernel_fwd_tflops", "kernel fwd TF/s", "{:.3f}"),
-    ("kernel_bwd_tflops", "kernel bwd TF/s", "{:.3f}"),
-    ("p2p_gbps", "P2P GB/s (2 ranks)", "{:.2f}"),
-    ("p2p_latency_s", "P2P latency ms", _ms("p2p_latency_s")),
-    ("ring_gbps", "ring GB/s (W ranks)", "{:.2f}"),
-    ("ring_latency_s", "ring latency ms", _ms("ring_latency_s")),
-    ("share", "core share (idle)", "{:.2f}"), ("probe", "probe", "{:.2f}"),
-    ("share_loaded", "core share (load-aware)", "{:.2f}"),
-]  # fmt: skip
+INPUT_COLUMNS = h.columns(
+    "world=W; block=block c; kernel_fwd_tflops=kernel fwd TF/s:.3f; "
+    "kernel_bwd_tflops=kernel bwd TF/s:.3f; p2p_gbps=P2P GB/s (2 ranks):.2f; "
+    "p2p_latency_s=P2P latency ms; ring_gbps=ring GB/s (W ranks):.2f; "
+    "ring_latency_s=ring latency ms; share=core share (idle):.2f; probe=probe:.2f; "
+    "share_loaded=core share (load-aware):.2f",
+    p2p_latency_s=_ms("p2p_latency_s"),
+    ring_latency_s=_ms("ring_latency_s"),
+)
 
-COLUMNS = [
-    ("world", "W", "{}"), ("seq", "seq", "{}"), ("pred_fwd_s", "pred fwd s", "{:.3f}"),
-    ("meas_fwd_s", "meas fwd s", "{:.3f}"), ("err_fwd", "err", "{:+.0%}"),
-    ("pred_fwdbwd_s", "pred f+b s (idle)", "{:.3f}"), ("err_fwdbwd", "err", "{:+.0%}"),
-    ("pred_fwdbwd_loaded_s", "pred f+b s (load-aware)", "{:.3f}"),
-    ("err_fwdbwd_loaded", "err", "{:+.0%}"), ("meas_fwdbwd_s", "meas f+b s", "{:.3f}"),
-    ("pred_busy_own_core_s", "pred busy/rank s (own core)", "{:.3f}"),
-    ("meas_cpu_max_s", "meas CPU/rank s", "{:.3f}"), ("err_own_core", "err", "{:+.0%}"),
-]  # fmt: skip
+COLUMNS = h.columns(
+    "world=W; seq=seq; pred_fwd_s=pred fwd s:.3f; meas_fwd_s=meas fwd s:.3f; "
+    "err_fwd=err:+.0%; pred_fwdbwd_s=pred f+b s (idle):.3f; err_fwdbwd=err:+.0%; "
+    "pred_fwdbwd_loaded_s=pred f+b s (load-aware):.3f; err_fwdbwd_loaded=err:+.0%; "
+    "meas_fwdbwd_s=meas f+b s:.3f; pred_busy_own_core_s=pred busy/rank s (own core):.3f; "
+    "meas_cpu_max_s=meas CPU/rank s:.3f; err_own_core=err:+.0%",
+)
 
 # where the own-core error comes from: the kernels alone, replayed without the ring
-SPLIT_COLUMNS = [
-    ("world", "W", "{}"), ("pred_busy_own_core_s", "simulator busy s", "{:.3f}"),
-    ("replay_cpu_s", "same kernel calls replayed s", "{:.3f}"),
-    ("err_model_vs_replay", "simulator vs replay", "{:+.0%}"),
-    ("meas_cpu_max_s", "ring CPU/rank s", "{:.3f}"),
-    ("overhead_vs_replay", "ring overhead over kernels", "{:+.0%}"),
-]  # fmt: skip
+SPLIT_COLUMNS = h.columns(
+    "world=W; pred_busy_own_core_s=simulator busy s:.3f; "
+    "replay_cpu_s=same kernel calls replayed s:.3f; "
+    "err_model_vs_replay=simulator vs replay:+.0%; meas_cpu_max_s=ring CPU/rank s:.3f; "
+    "overhead_vs_replay=ring overhead over kernels:+.0%",
+)
 
 NOTES = (
     "Causal {layout}, {dtype}, {heads} heads x {head_dim}, seq {seq}. pred: the simulator fed "

@@ -344,6 +344,17 @@ def read_rows(path: str) -> list[dict]:
 Column = tuple[str, str, "str | Callable[[dict], str]"]
 
 
+def columns(spec: str, **fmts) -> list[Column]:
+    """Table columns from ``"key=header:format; ..."``: ``format`` is a ``str.format`` spec
+    for ``row[key]`` (none: ``{}``); ``fmts[key]``, a function of the row, replaces it."""
+    out = []
+    for item in filter(None, (s.strip() for s in spec.split(";"))):
+        key, _, rest = item.partition("=")
+        head, _, fmt = rest.rpartition(":") if ":" in rest else (rest, "", "")
+        out.append((key, head, fmts.get(key) or ("{:" + fmt + "}" if fmt else "{}")))
+    return out
+
+
 def markdown_table(rows: Sequence[dict], columns: Sequence[Column]) -> str:
     """``columns``: (key, header, format) where format is a ``str.format`` pattern applied to
     ``row[key]`` or a function of the whole row; a missing value prints as ``-``."""

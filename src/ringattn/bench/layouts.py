@@ -35,15 +35,14 @@ def _per_rank(key: str, scale: float, fmt: str):
     return lambda r: " ".join(fmt.format(x / scale) for x in r[key])
 
 
-COLUMNS = [
-    ("layout", "layout", "{}"),
-    ("flops_fwdbwd_per_rank", "GFLOP per rank", _per_rank("flops_fwdbwd_per_rank", 1e9, "{:.1f}")),
-    ("flops_max_over_min", "FLOPs max/min", "{:.2f}"),
-    ("fwdbwd_cpu_per_rank", "CPU s per rank", _per_rank("fwdbwd_cpu_per_rank", 1, "{:.3f}")),
-    ("time_max_over_min", "time max/min", "{:.2f}"),
-    ("time_max_over_mean", "time max/mean", "{:.2f}"), ("fwdbwd_s", "f+b wall s", "{:.3f}"),
-    ("tflops_fwdbwd_per_rank", "TF/s/rank (min)", "{:.3f}"),
-]  # fmt: skip
+COLUMNS = h.columns(
+    "layout=layout; flops_fwdbwd_per_rank=GFLOP per rank; "
+    "flops_max_over_min=FLOPs max/min:.2f; fwdbwd_cpu_per_rank=CPU s per rank; "
+    "time_max_over_min=time max/min:.2f; time_max_over_mean=time max/mean:.2f; "
+    "fwdbwd_s=f+b wall s:.3f; tflops_fwdbwd_per_rank=TF/s/rank (min):.3f",
+    flops_fwdbwd_per_rank=_per_rank("flops_fwdbwd_per_rank", 1e9, "{:.1f}"),
+    fwdbwd_cpu_per_rank=_per_rank("fwdbwd_cpu_per_rank", 1, "{:.3f}"),
+)
 
 NOTES = (
     "W = {world}, causal, global seq {seq}, {dtype}, {heads} heads x {head_dim}; fwd+bwd. FLOPs "

@@ -224,20 +224,18 @@ def planner_rows(model: str, hardware: str, worlds: list[int], mem_mb: float | N
     ])  # fmt: skip
 
 
-COLUMNS = [
-    ("impl", "impl", "{}"), ("world", "W", "{}"), ("seq", "global seq", "{}"),
-    ("local_seq", "tokens/rank", "{}"), ("inputs_mb", "inputs MB", "{:.0f}"),
-    ("peak_extra_mb", "peak live MB (call)", "{:.1f}"), ("blocks", "= q blocks", "{:.1f}"),
-    ("peak_total_mb", "inputs + peak MB", "{:.1f}"), ("rss_growth_mb", "RSS growth MB", "{:.0f}"),
-    ("planner_attention_mb", "planner 6 blocks MB", "{:.1f}"),
-]  # fmt: skip
+COLUMNS = h.columns(
+    "impl=impl; world=W; seq=global seq; local_seq=tokens/rank; inputs_mb=inputs MB:.0f; "
+    "peak_extra_mb=peak live MB (call):.1f; blocks== q blocks:.1f; "
+    "peak_total_mb=inputs + peak MB:.1f; rss_growth_mb=RSS growth MB:.0f; "
+    "planner_attention_mb=planner 6 blocks MB:.1f",
+)
 
-CTX_COLUMNS = [
-    ("source", "source", "{}"), ("impl", "impl", "{}"), ("world", "W", "{}"),
-    ("budget_mb", "budget MB/rank", "{:.0f}"),
-    ("mb_per_1k_tokens", "MB per 1K global tokens", "{:.2f}"), ("max_seq", "max context", "{:,}"),
-    ("per_rank", "max context / W", "{:,.0f}"), ("vs_linear", "(max/W) / first", "{:.2f}"),
-]  # fmt: skip
+CTX_COLUMNS = h.columns(
+    "source=source; impl=impl; world=W; budget_mb=budget MB/rank:.0f; "
+    "mb_per_1k_tokens=MB per 1K global tokens:.2f; max_seq=max context:,; "
+    "per_rank=max context / W:,.0f; vs_linear=(max/W) / first:.2f",
+)
 
 NOTES = (
     "Per rank, largest rank, fwd+bwd of causal {layout} attention, {dtype}, {heads} heads x "

@@ -156,13 +156,12 @@ def note_rows(row: dict, torch_cp: str | None, lucidrains: bool) -> list[dict]:
     return [dict(row, impl=i, layout=lay, status=st) for i, lay, st in notes]
 
 
-COLUMNS = [
-    ("impl", "impl", "{}"), ("layout", "layout", "{}"), ("status", "status", "{}"),
-    ("fwdbwd_s", "f+b wall s", "{:.3f}"), ("fwdbwd_cpu_s", "CPU total s", "{:.3f}"),
-    ("wall_vs_ringattn", "wall / ringattn", "{:.2f}"),
-    ("cpu_vs_ringattn", "CPU / ringattn", "{:.2f}"), ("cpu_vs_sdpa", "CPU / SDPA", "{:.2f}"),
-    *((f"err_{n}", f"err {n}", "{:.1e}") for n in h.GRADS),
-]  # fmt: skip
+COLUMNS = h.columns(
+    "impl=impl; layout=layout; status=status; fwdbwd_s=f+b wall s:.3f; "
+    "fwdbwd_cpu_s=CPU total s:.3f; wall_vs_ringattn=wall / ringattn:.2f; "
+    "cpu_vs_ringattn=CPU / ringattn:.2f; cpu_vs_sdpa=CPU / SDPA:.2f; err_out=err out:.1e; "
+    "err_dq=err dq:.1e; err_dk=err dk:.1e; err_dv=err dv:.1e",
+)
 
 NOTES = (
     "W = {world} gloo ranks on {cores} cores, causal, global seq {seq}, fp32, {heads} heads x "

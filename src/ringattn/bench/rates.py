@@ -13,7 +13,7 @@ from ..comm import Ring
 from ..kernels import fused
 from ..plan.simulate import BWD_FLOPS_FACTOR
 from ..schedule import ring_plan
-from .harness import DTYPES, timed
+from .harness import make_inputs, timed
 
 
 def least_cpu(fn, repeats: int) -> float:
@@ -21,14 +21,15 @@ def least_cpu(fn, repeats: int) -> float:
     return timed(fn, repeats)[0]["cpu_s"]
 
 
+def _block(row: dict, n: int) -> list:
+    """Seeded q, k, v, dout of ``row``'s shape for ``n`` tokens, (b, h[_kv], n, d)."""
+    return [t.transpose(1, 2).contiguous() for t in make_inputs(dict(row, seq=n))]
+
+
 def kernel_rates(row: dict, block: int, repeats: int = 2) -> dict:
     """Forward and backward FLOP/s of the CPU fused op on one full (non-causal) block."""
-    g = torch.Generator().manual_seed(0)
-    b, h, hk, d = row["batch"], row["heads"], row["kv_heads"], row["head_dim"]
-    dt = DTYPES[row["dtype"]]
-    q = torch.randn(b, h, block, d, generator=g).to(dt)
-    k, v = (torch.randn(b, hk, block, d, generator=g).to(dt) for _ in range(2))
-    do = torch.randn(b, h, block, d, generator=g).to(dt)
+    q, k, v, do = _block(row, block)
+    b, h, d = row["batch"], row["heads"], row["head_dim"]
     scale = d**-0.5
     out, lse = fused.cpu_forward(q, k, v, causal=False, scale=scale)
     # CPU time, not wall: on a shared machine wall time also counts waiting for a core
@@ -53,12 +54,8 @@ def replay_rank(row: dict, rank: int, repeats: int = 1) -> dict:
     """
     w, n = row["world"], row["seq"] // row["world"]
     plan = ring_plan(row["layout"], row["causal"], rank, w, n)
-    g = torch.Generator().manual_seed(0)
-    b, h, hk, d = row["batch"], row["heads"], row["kv_heads"], row["head_dim"]
-    dt = DTYPES[row["dtype"]]
-    q, do = (torch.randn(b, h, n, d, generator=g).to(dt) for _ in range(2))
-    k, v = (torch.randn(b, hk, n, d, generator=g).to(dt) for _ in range(2))
-    scale = d**-0.5
+    q, k, v, do = _block(row, n)
+    scale = row["head_dim"] ** -0.5
     works = [wk for step in plan for wk in step]
 
     def fwd() -> list:
@@ -83,18 +80,19 @@ def replay_rank(row: dict, rank: int, repeats: int = 1) -> dict:
 def time_exchanges(sizes: tuple[int, ...], repeats: int, barrier) -> list[float]:
     """Best seconds of one ring exchange (send to rank+1, receive from rank-1) per size."""
     ring = Ring(None)
+
+    def exchange(kv: list) -> dict:
+        barrier()
+        t0 = time.perf_counter()
+        ring.exchange(kv).wait()
+        return dict(wall_s=time.perf_counter() - t0)
+
     out = []
     for n in sizes:
         half = max(n // 8, 1)  # float64 elements per tensor: K and V are n/2 bytes each
         kv = [torch.zeros(half, dtype=torch.float64) for _ in range(2)]
-        ring.exchange(kv).wait()  # connects the pair, touches the buffers
-        best = float("inf")
-        for _ in range(repeats):
-            barrier()
-            t0 = time.perf_counter()
-            ring.exchange(kv).wait()
-            best = min(best, time.perf_counter() - t0)
-        out.append(best)
+        # the warm-up connects the pair and touches the buffers
+        out.append(timed(lambda kv=kv: exchange(kv), repeats, key="wall_s")[0]["wall_s"])
     return out
 
 

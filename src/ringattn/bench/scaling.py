@@ -57,13 +57,12 @@ def strong_rows(results: list[dict]) -> list[dict]:
     return sorted(out, key=lambda r: (r["seq"], r["world"]))
 
 
-STRONG_COLUMNS = [
-    ("seq", "global seq", "{}"), ("impl", "impl", "{}"), ("world", "W", "{}"),
-    ("fwdbwd_s", "f+b wall s", "{:.3f}"), ("fwdbwd_cpu_max_s", "CPU/rank s", "{:.3f}"),
-    ("fwdbwd_cpu_s", "CPU total s", "{:.3f}"),
-    ("speedup_dedicated", "SDPA / CPU per rank", "{:.2f}"),
-    ("cpu_ratio_fwdbwd", "CPU total / SDPA", "{:.2f}"), ("wait_fwdbwd_s", "wait s", "{:.3f}"),
-]  # fmt: skip
+STRONG_COLUMNS = h.columns(
+    "seq=global seq; impl=impl; world=W; fwdbwd_s=f+b wall s:.3f; "
+    "fwdbwd_cpu_max_s=CPU/rank s:.3f; fwdbwd_cpu_s=CPU total s:.3f; "
+    "speedup_dedicated=SDPA / CPU per rank:.2f; cpu_ratio_fwdbwd=CPU total / SDPA:.2f; "
+    "wait_fwdbwd_s=wait s:.3f",
+)
 
 NOTES = (
     "wall: slowest rank, fwd+bwd, W ranks sharing {cores} cores (so W > {cores} waits for a "
@@ -118,13 +117,12 @@ def weak_rows(results: list[dict]) -> list[dict]:
     return out
 
 
-WEAK_COLUMNS = [
-    ("world", "W", "{}"), ("seq", "global seq", "{}"), ("local_seq", "tokens/rank", "{}"),
-    ("fwdbwd_cpu_max_s", "CPU/rank s", "{:.3f}"),
-    ("cpu_per_step_s", "CPU/rank/step s", "{:.4f}"), ("step_vs_first", "step / first", "{:.2f}"),
-    ("tflops_fwdbwd_per_rank", "TF/s/rank", "{:.3f}"), ("fwdbwd_s", "wall s", "{:.3f}"),
-    ("peak_rss_mb", "peak RSS MB/rank", "{:.0f}"),
-]  # fmt: skip
+WEAK_COLUMNS = h.columns(
+    "world=W; seq=global seq; local_seq=tokens/rank; fwdbwd_cpu_max_s=CPU/rank s:.3f; "
+    "cpu_per_step_s=CPU/rank/step s:.4f; step_vs_first=step / first:.2f; "
+    "tflops_fwdbwd_per_rank=TF/s/rank:.3f; fwdbwd_s=wall s:.3f; "
+    "peak_rss_mb=peak RSS MB/rank:.0f",
+)
 
 WEAK_NOTES = (
     "Tokens per rank are fixed. CPU/rank/step = the busiest rank's fwd+bwd CPU time / W: the "
