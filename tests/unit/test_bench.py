@@ -11,7 +11,8 @@ import torch
 
 from ringattn.bench import calibrate, harness, layouts, memory, peers, rates, scaling
 from ringattn.bench.cli import COMMANDS, bench_main
-from ringattn.bench.harness import markdown_table, problem, read_rows, write_rows
+from ringattn.bench.harness import problem
+from ringattn.bench.output import markdown_table, read_rows, write_rows
 from ringattn.layouts import LAYOUTS, shard
 from ringattn.plan.hardware import Hardware
 from ringattn.plan.simulate import simulate

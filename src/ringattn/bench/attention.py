@@ -22,6 +22,7 @@ from ..cp import STRATEGIES, context_parallel_attention
 from ..ring import ring_attention
 from ..schedule import attention_flops
 from . import harness as h
+from . import output
 
 
 def _attend(row: dict, world: int):
@@ -124,7 +125,7 @@ def _mb(r: dict) -> str:
     return "-" if v is None else f"{v / 2**20:.1f}"
 
 
-COLUMNS = h.columns(
+COLUMNS = output.columns(
     "world=W; strategy=strategy; layout=layout; causal=causal; dtype=dtype; seq=seq; "
     "fwd_s=fwd s:.3f; fwdbwd_s=f+b s:.3f; tflops_fwdbwd_per_rank=TF/s/rank:.3f; "
     "wait_fwdbwd_s=wait s:.3f; bytes_sent_fwdbwd=MB sent; peak_rss_mb=RSS MB:.0f; "
@@ -134,7 +135,7 @@ COLUMNS = h.columns(
 
 
 def table(rows: list[dict]) -> str:
-    return h.markdown_table(rows, COLUMNS)
+    return output.markdown_table(rows, COLUMNS)
 
 
 def parse(argv: list[str]):
@@ -166,7 +167,7 @@ def rows_for(args) -> list[dict]:
 
 def main(argv: list[str]) -> int:
     args = parse(argv)
-    sink = h.row_sink(args.out)
+    sink = output.row_sink(args.out)
     results = measure(rows_for(args), args.repeats, args.threads, not args.no_reference, sink)
     print(table(results), file=sys.stdout if args.out else sys.stderr)
     return 0

@@ -18,6 +18,7 @@ from ..plan.hardware import calibrate_from
 from ..plan.simulate import simulate
 from ..schedule import attention_flops
 from . import harness as h
+from . import output
 from .attention import summarize, time_rows
 from .rates import core_share, fit_link, kernel_rates, probe_share, replay_rank, time_exchanges
 
@@ -117,7 +118,7 @@ def _ms(key: str):
     return lambda r: f"{r[key] * 1e3:.3f}"
 
 
-INPUT_COLUMNS = h.columns(
+INPUT_COLUMNS = output.columns(
     "world=W; block=block c; kernel_fwd_tflops=kernel fwd TF/s:.3f; "
     "kernel_bwd_tflops=kernel bwd TF/s:.3f; p2p_gbps=P2P GB/s (2 ranks):.2f; "
     "p2p_latency_s=P2P latency ms; ring_gbps=ring GB/s (W ranks):.2f; "
@@ -127,7 +128,7 @@ INPUT_COLUMNS = h.columns(
     ring_latency_s=_ms("ring_latency_s"),
 )
 
-COLUMNS = h.columns(
+COLUMNS = output.columns(
     "world=W; seq=seq; pred_fwd_s=pred fwd s:.3f; meas_fwd_s=meas fwd s:.3f; "
     "err_fwd=err:+.0%; pred_fwdbwd_s=pred f+b s (idle):.3f; err_fwdbwd=err:+.0%; "
     "pred_fwdbwd_loaded_s=pred f+b s (load-aware):.3f; err_fwdbwd_loaded=err:+.0%; "
@@ -136,7 +137,7 @@ COLUMNS = h.columns(
 )
 
 # where the own-core error comes from: the kernels alone, replayed without the ring
-SPLIT_COLUMNS = h.columns(
+SPLIT_COLUMNS = output.columns(
     "world=W; pred_busy_own_core_s=simulator busy s:.3f; "
     "replay_cpu_s=same kernel calls replayed s:.3f; "
     "err_model_vs_replay=simulator vs replay:+.0%; meas_cpu_max_s=ring CPU/rank s:.3f; "
@@ -160,7 +161,7 @@ NOTES = (
 
 
 def plot(rows: list[dict], path: str) -> None:
-    plt = h.pyplot()
+    plt = output.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     w = [r["world"] for r in rows]
     panels = (
@@ -179,11 +180,11 @@ def plot(rows: list[dict], path: str) -> None:
             err = f"{(r[p] - r[m]) / r[m]:+.0%}"
             ax.annotate(err, (x, r[p]), fontsize=7, xytext=(4, 4), textcoords="offset points")
         ax.set_ylim(bottom=0)
-        h.style(ax, "W", "fwd+bwd seconds", title, logx=2, ticks=w)
+        output.style(ax, "W", "fwd+bwd seconds", title, logx=2, ticks=w)
     r0 = rows[0]
     fig.suptitle(f"simulator vs measured: causal {r0['layout']}, seq {r0['seq']}, "
                  f"{r0['dtype']}, {r0['heads']} heads x {r0['head_dim']}", fontsize=10)  # fmt: skip
-    h.save(fig, path, h.machine_line(r0.get("machine")))
+    output.save(fig, path, output.machine_line(r0.get("machine")))
 
 
 def main(argv: list[str]) -> int:
@@ -192,12 +193,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--repeats", type=h.positive, default=2, help="timed ring runs after a warm-up")
     p.add_argument("--link-repeats", type=h.positive, default=5)
     p.add_argument("--cores", type=h.positive, default=None, help="default: this process's")
-    h.add_output_args(p, "calibrate")
+    output.add_output_args(p, "calibrate")
     args = p.parse_args(argv)
     rows = [h.problem_of(args, world=w, seq=args.seq) for w in sorted(args.world)]
     h.check_problems(p, rows)
     torch.set_num_threads(1)
-    n_cores = args.cores or h.cores()
+    n_cores = args.cores or output.cores()
     rates = {r["world"]: kernel_rates(r, r["seq"] // r["world"]) for r in rows}
     replays, probes, measured = {}, {}, {}
     for row in rows:
@@ -211,7 +212,7 @@ def main(argv: list[str]) -> int:
     # the 2-rank pair's link; measured on its own when no W = 2 was asked for
     p2p = measured[2][1] if 2 in measured else _launch(2, [], args)[1]
     out = calibration_rows(rows, measured, rates, p2p, n_cores, probes, replays)
-    out = h.stamp(out, "calibrate", cores=n_cores)
-    tables = [h.markdown_table(out, c) for c in (INPUT_COLUMNS, COLUMNS, SPLIT_COLUMNS)]
+    out = output.stamp(out, "calibrate", cores=n_cores)
+    tables = [output.markdown_table(out, c) for c in (INPUT_COLUMNS, COLUMNS, SPLIT_COLUMNS)]
     notes = NOTES.format(**{**vars(args), "cores": n_cores})
-    return h.report(out, "\n\n".join(tables), args, notes, plot)
+    return output.report(out, "\n\n".join(tables), args, notes, plot)

@@ -16,6 +16,7 @@ import torch
 
 from ..ring import ring_attention
 from . import harness as h
+from . import output
 
 
 def _rss_mb() -> float:
@@ -78,7 +79,7 @@ def main(argv: list[str]) -> int:
         return 0 if ok else 1
     print(
         f"ring fwd {summary['ring_fwd_s']:.1f}s, fwd+bwd {summary['ring_fwdbwd_s']:.1f}s "
-        f"(slowest rank; {a.world} ranks share {h.cores()} cores) | single-process SDPA "
+        f"(slowest rank; {a.world} ranks share {output.cores()} cores) | single-process SDPA "
         f"fwd+bwd {ref['wall_s']:.1f}s"
     )
     print(

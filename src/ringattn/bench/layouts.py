@@ -10,6 +10,7 @@ wastes waiting for its busiest rank.
 from __future__ import annotations
 
 from . import harness as h
+from . import output
 from .attention import measure
 
 
@@ -35,7 +36,7 @@ def _per_rank(key: str, scale: float, fmt: str):
     return lambda r: " ".join(fmt.format(x / scale) for x in r[key])
 
 
-COLUMNS = h.columns(
+COLUMNS = output.columns(
     "layout=layout; flops_fwdbwd_per_rank=GFLOP per rank; "
     "flops_max_over_min=FLOPs max/min:.2f; fwdbwd_cpu_per_rank=CPU s per rank; "
     "time_max_over_min=time max/min:.2f; time_max_over_mean=time max/mean:.2f; "
@@ -53,7 +54,7 @@ NOTES = (
 
 
 def plot(rows: list[dict], path: str) -> None:
-    plt = h.pyplot()
+    plt = output.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=False)
     w = rows[0]["world"]
     width = 0.8 / len(rows)
@@ -65,21 +66,21 @@ def plot(rows: list[dict], path: str) -> None:
         axes, ("GFLOP (fwd+bwd, from the schedule)", "CPU seconds (fwd+bwd, measured)")
     ):
         ax.set_xticks(range(w), [f"rank {r}" for r in range(w)])
-        h.style(ax, "", y)
+        output.style(ax, "", y)
     r0 = rows[0]
     fig.suptitle(f"causal load balance, W={w}, seq={r0['seq']}, {r0['dtype']}, "
                  f"{r0['heads']} heads x {r0['head_dim']}", fontsize=10)  # fmt: skip
-    h.save(fig, path, h.machine_line(r0.get("machine")))
+    output.save(fig, path, output.machine_line(r0.get("machine")))
 
 
 def main(argv: list[str]) -> int:
     p = h.parser("bench layouts", __doc__)
     h.problem_args(p, world=4, seq=8192, many=("layout",), extra=("kernel",))
     p.add_argument("--repeats", type=h.positive, default=1, help="timed runs after a warm-up")
-    h.add_output_args(p, "layouts")
+    output.add_output_args(p, "layouts")
     args = p.parse_args(argv)
     probs = [h.problem_of(args, world=args.world, seq=args.seq, layout=lay) for lay in args.layout]
     h.check_problems(p, probs)
-    rows = h.stamp(layout_rows(measure(probs, args.repeats, reference=False)), "layouts")
-    notes = NOTES.format(**vars(args), cores=h.cores())
-    return h.report(rows, h.markdown_table(rows, COLUMNS), args, notes, plot)
+    rows = output.stamp(layout_rows(measure(probs, args.repeats, reference=False)), "layouts")
+    notes = NOTES.format(**vars(args), cores=output.cores())
+    return output.report(rows, output.markdown_table(rows, COLUMNS), args, notes, plot)

@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_leaves
 
 from ..ring import ring_attention
 from . import harness as h
+from . import output
 
 MB = 2**20
 
@@ -224,14 +225,14 @@ def planner_rows(model: str, hardware: str, worlds: list[int], mem_mb: float | N
     ])  # fmt: skip
 
 
-COLUMNS = h.columns(
+COLUMNS = output.columns(
     "impl=impl; world=W; seq=global seq; local_seq=tokens/rank; inputs_mb=inputs MB:.0f; "
     "peak_extra_mb=peak live MB (call):.1f; blocks== q blocks:.1f; "
     "peak_total_mb=inputs + peak MB:.1f; rss_growth_mb=RSS growth MB:.0f; "
     "planner_attention_mb=planner 6 blocks MB:.1f",
 )
 
-CTX_COLUMNS = h.columns(
+CTX_COLUMNS = output.columns(
     "source=source; impl=impl; world=W; budget_mb=budget MB/rank:.0f; "
     "mb_per_1k_tokens=MB per 1K global tokens:.2f; max_seq=max context:,; "
     "per_rank=max context / W:,.0f; vs_linear=(max/W) / first:.2f",
@@ -249,7 +250,7 @@ NOTES = (
 
 
 def plot(rows: list[dict], path: str) -> None:
-    plt = h.pyplot()
+    plt = output.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for (impl, w), mine in sorted(
         _series(rows, "measure", lambda r: (r["impl"], r["world"])).items()
@@ -258,7 +259,7 @@ def plot(rows: list[dict], path: str) -> None:
         axes[0].plot(
             [r["seq"] for r in mine], [r["peak_total_mb"] for r in mine], style, label=label
         )
-    h.style(axes[0], "global sequence (tokens)", "peak MB per rank (inputs + live tensors)",
+    output.style(axes[0], "global sequence (tokens)", "peak MB per rank (inputs + live tensors)",
             "per-rank peak memory, attention fwd+bwd", logx=2, logy=2)  # fmt: skip
     ctx = [r for r in rows if r["impl"] == "ring" and r.get("max_seq", 0) > 0]
     for src, mine in _series(ctx, "max_context", "source").items():
@@ -267,11 +268,11 @@ def plot(rows: list[dict], path: str) -> None:
         s0, w0 = mine[-1]["max_seq"], ws[-1]  # dotted: linear in W through the last point
         axes[1].plot(ws, [s0 * w / w0 for w in ws], ":", color=line[0].get_color(), lw=1)
     ws = sorted({r["world"] for r in ctx if r.get("kind") == "max_context"})
-    h.style(axes[1], "W (ranks)", "longest context (tokens)",
+    output.style(axes[1], "W (ranks)", "longest context (tokens)",
             "longest context at a fixed per-rank budget (dotted: ~W)", logx=2, logy=2,
             ticks=ws, legend=7)  # fmt: skip
     meas = [r for r in rows if r.get("kind") == "measure"]
-    h.save(fig, path, h.machine_line(meas[0].get("machine") if meas else None))
+    output.save(fig, path, output.machine_line(meas[0].get("machine") if meas else None))
 
 
 def main(argv: list[str]) -> int:
@@ -282,7 +283,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--plan-model", nargs="+", default=["tiny", "llama-7b"])
     p.add_argument("--plan-hardware", default="a100-nvlink")
     p.add_argument("--plan-world", type=h.positive, nargs="+", default=[2, 4, 8, 16])
-    h.add_output_args(p, "memory")
+    output.add_output_args(p, "memory")
     args = p.parse_args(argv)
     probs = {w: [h.problem_of(args, world=w, seq=s, impl="ring") for s in args.seq]
              for w in sorted(args.world)}  # fmt: skip
@@ -299,6 +300,6 @@ def main(argv: list[str]) -> int:
         # the tiny model at the measured budget; real models at the hardware's own memory
         mem = args.budget_mb if model == "tiny" else None
         ctx += planner_rows(model, args.plan_hardware, args.plan_world, mem)
-    tables = h.markdown_table(rows, COLUMNS) + "\n\n" + h.markdown_table(ctx, CTX_COLUMNS)
+    tables = output.markdown_table(rows, COLUMNS) + "\n\n" + output.markdown_table(ctx, CTX_COLUMNS)
     notes = NOTES.format(**vars(args))
-    return h.report(h.stamp(rows + ctx, "memory"), tables, args, notes, plot)
+    return output.report(output.stamp(rows + ctx, "memory"), tables, args, notes, plot)

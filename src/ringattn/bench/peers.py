@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..ring import ring_attention
 from . import harness as h
+from . import output
 
 FP32_TOL = 1e-4  # max abs error vs SDPA that counts as exact, fp32 inputs of unit scale
 
@@ -156,7 +157,7 @@ def note_rows(row: dict, torch_cp: str | None, lucidrains: bool) -> list[dict]:
     return [dict(row, impl=i, layout=lay, status=st) for i, lay, st in notes]
 
 
-COLUMNS = h.columns(
+COLUMNS = output.columns(
     "impl=impl; layout=layout; status=status; fwdbwd_s=f+b wall s:.3f; "
     "fwdbwd_cpu_s=CPU total s:.3f; wall_vs_ringattn=wall / ringattn:.2f; "
     "cpu_vs_ringattn=CPU / ringattn:.2f; cpu_vs_sdpa=CPU / SDPA:.2f; err_out=err out:.1e; "
@@ -172,7 +173,7 @@ NOTES = (
 
 
 def plot(rows: list[dict], path: str) -> None:
-    plt = h.pyplot()
+    plt = output.pyplot()
     ran = [r for r in rows if r.get("fwdbwd_cpu_s") is not None]
     # break the long package name so neighbouring labels do not overlap
     labels = [f"{r['impl'].replace('-pytorch', chr(10) + 'pytorch')}\n{r['layout']}" for r in ran]
@@ -183,8 +184,8 @@ def plot(rows: list[dict], path: str) -> None:
     ax.set_xticks(range(len(ran)), labels, fontsize=7)
     title = (f"peers, W={ran[0]['world']}, causal seq {ran[0]['seq']} (green: exact, red: "
              "wrong gradients)")  # fmt: skip
-    h.style(ax, "", "CPU time / single-process SDPA (fwd+bwd)", title, logy=10, legend=0)
-    h.save(fig, path, h.machine_line(ran[0].get("machine")))
+    output.style(ax, "", "CPU time / single-process SDPA (fwd+bwd)", title, logy=10, legend=0)
+    output.save(fig, path, output.machine_line(ran[0].get("machine")))
 
 
 def main(argv: list[str]) -> int:
@@ -198,7 +199,7 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument("--repeats", type=h.positive, default=2, help="timed runs per impl (best kept)")
     p.add_argument("--no-torch-cp", action="store_true", help="skip the native CP attempt")
-    h.add_output_args(p, "peers")
+    output.add_output_args(p, "peers")
     args = p.parse_args(argv)
     row = h.problem_of(args, world=args.world, seq=args.seq, peer_bucket=args.peer_bucket)
     h.check_problems(p, [row])  # zigzag (every layout runs): seq % 2W == 0
@@ -209,8 +210,8 @@ def main(argv: list[str]) -> int:
     res = h.run_ranks(_rank, args.world, row, plan, args.repeats, not args.no_torch_cp, here=False)
     sdpa = h.sdpa_reference(row, args.repeats)
     ref = dict(h.sdpa_grads(row), wall_s=sdpa["fwdbwd_s"], cpu_s=sdpa["fwdbwd_cpu_s"])
-    rows = h.stamp(
+    rows = output.stamp(
         peer_rows(row, res, ref, plan) + note_rows(row, res[0]["torch-cp"], lucid), "peers"
     )
-    notes = NOTES.format(**vars(args), cores=h.cores(), tol=FP32_TOL, sdpa=ref["cpu_s"])
-    return h.report(rows, h.markdown_table(rows, COLUMNS), args, notes, plot)
+    notes = NOTES.format(**vars(args), cores=output.cores(), tol=FP32_TOL, sdpa=ref["cpu_s"])
+    return output.report(rows, output.markdown_table(rows, COLUMNS), args, notes, plot)

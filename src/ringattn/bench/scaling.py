@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 
 from . import harness as h
+from . import output
 from .attention import measure
 
 
@@ -31,7 +32,7 @@ def _parse(name: str, argv: list[str], world: list[int], seq, pairs) -> argparse
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--repeats", type=h.positive, default=1, help="timed runs after one warm-up")
     p.add_argument("--threads", type=h.positive, default=1, help="threads per rank and SDPA")
-    h.add_output_args(p, name)
+    output.add_output_args(p, name)
     args = p.parse_args(argv)
     args.problems = [h.problem_of(args, world=w, seq=s) for w, s in pairs(args)]
     h.check_problems(p, args.problems, seq_opt="--seq" if seq else "--seq-per-rank")
@@ -57,7 +58,7 @@ def strong_rows(results: list[dict]) -> list[dict]:
     return sorted(out, key=lambda r: (r["seq"], r["world"]))
 
 
-STRONG_COLUMNS = h.columns(
+STRONG_COLUMNS = output.columns(
     "seq=global seq; impl=impl; world=W; fwdbwd_s=f+b wall s:.3f; "
     "fwdbwd_cpu_max_s=CPU/rank s:.3f; fwdbwd_cpu_s=CPU total s:.3f; "
     "speedup_dedicated=SDPA / CPU per rank:.2f; cpu_ratio_fwdbwd=CPU total / SDPA:.2f; "
@@ -74,7 +75,7 @@ NOTES = (
 
 
 def plot_strong(rows: list[dict], path: str) -> None:
-    plt = h.pyplot()
+    plt = output.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     sdpa = [r for r in rows if r["impl"] == "sdpa"]
     worlds = sorted({r["world"] for r in rows if r["impl"] == "ring"})
@@ -86,20 +87,20 @@ def plot_strong(rows: list[dict], path: str) -> None:
         for w in worlds:
             mine = [r for r in rows if r["impl"] == "ring" and r["world"] == w]
             ax.plot([r["seq"] for r in mine], [r[key] for r in mine], "-o", label=f"ring W={w}")
-        h.style(ax, "global sequence (tokens)", "fwd+bwd seconds", title, logx=2, logy=10)
+        output.style(ax, "global sequence (tokens)", "fwd+bwd seconds", title, logx=2, logy=10)
     r0 = rows[0]
     causal = "causal " if r0["causal"] else ""
     fig.suptitle(f"strong scaling: {causal}{r0['layout']}, {r0['dtype']}, "
                  f"{r0['heads']} heads x {r0['head_dim']}", fontsize=10)  # fmt: skip
-    h.save(fig, path, h.machine_line(r0.get("machine") or rows[-1].get("machine")))
+    output.save(fig, path, output.machine_line(r0.get("machine") or rows[-1].get("machine")))
 
 
 def strong_main(argv: list[str]) -> int:
     pairs = lambda a: [(w, s) for w in a.world for s in a.seq]
     args = _parse("scaling", argv, [2, 4, 8], [2048, 4096, 8192], pairs)
-    rows = h.stamp(strong_rows(measure(args.problems, args.repeats, args.threads)), "scaling")
-    table = h.markdown_table(rows, STRONG_COLUMNS)
-    return h.report(rows, table, args, NOTES.format(cores=h.cores()), plot_strong)
+    rows = output.stamp(strong_rows(measure(args.problems, args.repeats, args.threads)), "scaling")
+    table = output.markdown_table(rows, STRONG_COLUMNS)
+    return output.report(rows, table, args, NOTES.format(cores=output.cores()), plot_strong)
 
 
 # --- weak ---------------------------------------------------------------------------------
@@ -117,7 +118,7 @@ def weak_rows(results: list[dict]) -> list[dict]:
     return out
 
 
-WEAK_COLUMNS = h.columns(
+WEAK_COLUMNS = output.columns(
     "world=W; seq=global seq; local_seq=tokens/rank; fwdbwd_cpu_max_s=CPU/rank s:.3f; "
     "cpu_per_step_s=CPU/rank/step s:.4f; step_vs_first=step / first:.2f; "
     "tflops_fwdbwd_per_rank=TF/s/rank:.3f; fwdbwd_s=wall s:.3f; "
@@ -135,7 +136,7 @@ WEAK_NOTES = (
 
 
 def plot_weak(rows: list[dict], path: str) -> None:
-    plt = h.pyplot()
+    plt = output.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     w = [r["world"] for r in rows]
     axes[0].plot(w, [r["cpu_per_step_s"] for r in rows], "-o", label="CPU per rank per step")
@@ -145,17 +146,17 @@ def plot_weak(rows: list[dict], path: str) -> None:
     axes[1].set_ylim(bottom=0)
     x = "W (global seq = W x tokens per rank)"
     per_rank = f"{rows[0]['seq'] // rows[0]['world']} tokens per rank"
-    h.style(axes[0], x, "fwd+bwd seconds", per_rank, logx=2, logy=10, ticks=w)
-    h.style(axes[1], x, "TFLOP/s per rank (CPU time)", "kernel throughput per rank", logx=2,
+    output.style(axes[0], x, "fwd+bwd seconds", per_rank, logx=2, logy=10, ticks=w)
+    output.style(axes[1], x, "TFLOP/s per rank (CPU time)", "kernel throughput per rank", logx=2,
             ticks=w, legend=0)  # fmt: skip
     fig.suptitle("weak scaling", fontsize=10)
-    h.save(fig, path, h.machine_line(rows[-1].get("machine")))
+    output.save(fig, path, output.machine_line(rows[-1].get("machine")))
 
 
 def weak_main(argv: list[str]) -> int:
     pairs = lambda a: [(w, w * a.seq_per_rank) for w in a.world]
     args = _parse("weak", argv, [1, 2, 4, 8], None, pairs)
     results = measure(args.problems, args.repeats, args.threads, reference=False)
-    rows = h.stamp(weak_rows(results), "weak")
-    table = h.markdown_table(rows, WEAK_COLUMNS)
-    return h.report(rows, table, args, WEAK_NOTES.format(cores=h.cores()), plot_weak)
+    rows = output.stamp(weak_rows(results), "weak")
+    table = output.markdown_table(rows, WEAK_COLUMNS)
+    return output.report(rows, table, args, WEAK_NOTES.format(cores=output.cores()), plot_weak)

@@ -20,6 +20,7 @@ from ..model.config import PRESETS
 from ..train.cli import run_worker
 from ..train.config import load_config
 from . import harness as h
+from . import output
 
 
 def parse(argv: list[str]):
@@ -76,7 +77,7 @@ def run_one(a, cp: int) -> dict:
     ranks = h.run_ranks(_worker, cp, cfg.to_dict(), threads=par.threads_per_rank,
                         device=par.device, here=False)  # fmt: skip
     summary = ranks[0]
-    steps = [r for r in h.read_rows(str(log)) if "tokens_per_s" in r][a.warmup :]
+    steps = [r for r in output.read_rows(str(log)) if "tokens_per_s" in r][a.warmup :]
     med = lambda key: statistics.median(r[key] for r in steps)
     tok_s = med("tokens_per_s")
     return dict(
@@ -88,7 +89,7 @@ def run_one(a, cp: int) -> dict:
     )  # fmt: skip
 
 
-COLUMNS = h.columns(
+COLUMNS = output.columns(
     "cp=cp; seq=seq; step_time_s=step s:.2f; tokens_per_s=tokens/s:,.0f; "
     "tokens_per_core_s=tokens/core-s:,.0f; tflops_per_rank=TFLOP/s/rank:.3f; mfu=MFU; "
     "peak_mem_mb_per_rank=peak MiB/rank",
@@ -98,12 +99,12 @@ COLUMNS = h.columns(
 
 
 def table(rows: list[dict]) -> str:
-    return h.markdown_table(rows, COLUMNS)
+    return output.markdown_table(rows, COLUMNS)
 
 
 def main(argv: list[str]) -> int:
     a = parse(argv)
-    sink = h.row_sink(a.out)
+    sink = output.row_sink(a.out)
     rows = []
     for cp in a.cp:
         rows.append(run_one(a, cp))
