@@ -161,8 +161,7 @@ NOTES = (
 
 
 def plot(rows: list[dict], path: str) -> None:
-    plt = output.pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = output.figure(2, figsize=(10, 4))
     w = [r["world"] for r in rows]
     panels = (
         ("pred_fwdbwd_s", "meas_fwdbwd_s", "wall time, W ranks on shared cores", "idle machine"),

@@ -54,8 +54,7 @@ NOTES = (
 
 
 def plot(rows: list[dict], path: str) -> None:
-    plt = output.pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=False)
+    fig, axes = output.figure(2, figsize=(10, 3.8))
     w = rows[0]["world"]
     width = 0.8 / len(rows)
     for i, r in enumerate(rows):

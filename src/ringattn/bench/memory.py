@@ -250,8 +250,7 @@ NOTES = (
 
 
 def plot(rows: list[dict], path: str) -> None:
-    plt = output.pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = output.figure(2, figsize=(10, 4))
     for (impl, w), mine in sorted(
         _series(rows, "measure", lambda r: (r["impl"], r["world"])).items()
     ):

@@ -141,6 +141,11 @@ def pyplot():
     return plt
 
 
+def figure(ncols: int, figsize: tuple[float, float]):
+    """A figure with ``ncols`` subplots side by side: (fig, axes), one ``ax`` for 1."""
+    return pyplot().subplots(1, ncols, figsize=figsize)
+
+
 def style(ax, xlabel: str, ylabel: str, title=None, logx=None, logy=None, ticks=None, legend=8):
     """Labels, log scales (``logx``/``logy``: the base, 10 or 2), integer x ticks, grid and
     legend (its font size; 0: none) of one subplot."""

@@ -173,11 +173,10 @@ NOTES = (
 
 
 def plot(rows: list[dict], path: str) -> None:
-    plt = output.pyplot()
     ran = [r for r in rows if r.get("fwdbwd_cpu_s") is not None]
     # break the long package name so neighbouring labels do not overlap
     labels = [f"{r['impl'].replace('-pytorch', chr(10) + 'pytorch')}\n{r['layout']}" for r in ran]
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(ran)), 4))
+    fig, ax = output.figure(1, figsize=(max(6, 1.4 * len(ran)), 4))
     colors = ["tab:green" if r["status"] == "exact" else "tab:red" for r in ran]
     ax.bar(range(len(ran)), [r["cpu_vs_sdpa"] for r in ran], color=colors)
     ax.axhline(1.0, color="k", lw=0.8)

@@ -75,8 +75,7 @@ NOTES = (
 
 
 def plot_strong(rows: list[dict], path: str) -> None:
-    plt = output.pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = output.figure(2, figsize=(10, 4))
     sdpa = [r for r in rows if r["impl"] == "sdpa"]
     worlds = sorted({r["world"] for r in rows if r["impl"] == "ring"})
     for ax, key, title in (
@@ -136,8 +135,7 @@ WEAK_NOTES = (
 
 
 def plot_weak(rows: list[dict], path: str) -> None:
-    plt = output.pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = output.figure(2, figsize=(10, 4))
     w = [r["world"] for r in rows]
     axes[0].plot(w, [r["cpu_per_step_s"] for r in rows], "-o", label="CPU per rank per step")
     axes[0].plot(w, [r["fwdbwd_cpu_max_s"] for r in rows], "-s", label="CPU per rank (all steps)")
