@@ -150,6 +150,8 @@ def parse(argv: list[str]):
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--out", default=None, help="append JSON lines here (default: stdout)")
     args = p.parse_args(argv)
+    if not rows_for(args):  # only hybrid, and no W it can run at
+        p.error("--strategy hybrid needs a 2-D mesh: --world 4, 6, 8, ... (even, >= 4)")
     h.check_problems(p, rows_for(args))
     return args
 

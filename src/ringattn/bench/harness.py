@@ -94,6 +94,8 @@ def problem_error(row: dict, world_opt: str = "--world", seq_opt: str = "--seq")
         return f"--heads {h} must be a multiple of --kv-heads {hk} (GQA shares each K/V head)"
     if row.get("strategy") == "ulysses" and h % w:
         return f"--strategy ulysses splits --heads {h} over {world_opt} {w}: use heads % W == 0"
+    if row.get("strategy") == "hybrid" and h % row.get("ulysses", 2):
+        return f"--strategy hybrid splits --heads {h} over 2 Ulysses ranks: use an even count"
     return None
 
 

@@ -19,6 +19,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ..model.config import PRESETS
+from ..plan.hardware import HARDWARE
 from ..ring import ring_attention
 from . import harness as h
 from . import output
@@ -279,8 +281,8 @@ def main(argv: list[str]) -> int:
     h.problem_args(p, world=[1, 2, 4, 8], seq=[2048, 4096, 8192, 16384], many=("world", "seq"))
     p.add_argument("--no-sdpa", action="store_true", help="skip the single-process SDPA rows")
     p.add_argument("--budget-mb", type=float, default=256.0, help="per-rank budget for max ctx")
-    p.add_argument("--plan-model", nargs="+", default=["tiny", "llama-7b"])
-    p.add_argument("--plan-hardware", default="a100-nvlink")
+    p.add_argument("--plan-model", nargs="+", default=["tiny", "llama-7b"], choices=PRESETS)
+    p.add_argument("--plan-hardware", default="a100-nvlink", choices=[*HARDWARE, "cpu"])
     p.add_argument("--plan-world", type=h.positive, nargs="+", default=[2, 4, 8, 16])
     output.add_output_args(p, "memory")
     args = p.parse_args(argv)
