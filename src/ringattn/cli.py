@@ -8,7 +8,8 @@ USAGE = """usage: ringattn <command> [options]
 
 commands:
   train       train the LLaMA-style model with context parallelism (TOML + overrides)
-  bench       benchmarks: attention|scaling|weak|memory|layouts|peers|calibrate|all
+  bench       benchmarks: attention|scaling|weak|memory|layouts|peers|calibrate|train|all
+              (`ringattn bench --help`; `bench train`: trainer tokens/s and MFU vs cp)
   plan        planner: block size, memory, longest context (`--help`)
   simulate    discrete-event ring simulator (`--help`)
   demo        the main job: train on the retrieval task, 4 local CPU ranks, 8K context

@@ -26,7 +26,7 @@ from .comm import Ring, world_of
 from .kernels import Kernel, get_kernel
 from .layouts import LAYOUTS
 from .mask_plan import ring_mask_plan
-from .ring import _RingAttention
+from .ring import ring_pass
 from .strategies import allgather_attention, hybrid_attention, ulysses_attention
 from .strategies.hybrid import mesh_groups
 from .validate import QKV_FIELDS, agree, check_layout_len, check_qkv, dtype_code
@@ -175,7 +175,8 @@ def context_parallel_attention(
         strategy: "ring", "allgather", "ulysses" (needs h % W == 0) or "hybrid".
         causal: causal mask in GLOBAL token positions.
         softmax_scale: defaults to ``d ** -0.5``.
-        layout: "contiguous", "zigzag" or "striped" (:mod:`ringattn.layouts`).
+        layout: "zigzag" (default: equal causal work on every rank, see
+            :func:`ringattn.ring_attention`), "contiguous" or "striped".
         group: process group (default: the world; one process without torch.distributed).
         mesh: for "hybrid": a 2-D DeviceMesh with dims named "ring" and "ulysses".
         cu_seqlens: (n_docs + 1,) int32, GLOBAL document boundaries, 0 first and the global
@@ -249,16 +250,9 @@ def context_parallel_attention(
     elif strategy == "ring":
         rank, _ = ranks[0]
         plan = ring_mask_plan(
-            layout,
-            world,
-            rank,
-            q.shape[1],
-            causal=causal,
-            cu=cu,
-            window=win,
-            device=str(q.device),
+            layout, world, rank, q.shape[1], causal=causal, cu=cu, window=win, device=str(q.device)
         )
-        out, lse = _RingAttention.apply(q, k, v, scale, plan, Ring(group), kern)
+        out, lse = ring_pass(q, k, v, scale=scale, plan=plan, ring=Ring(group), kernel=kern)
     else:
         out, lse = _strategy_call(strategy, q, k, v, group, mesh, return_lse, **kw)
     return (out, lse) if return_lse else out
@@ -284,6 +278,8 @@ def _ring_rows(q, k, v, rank, world, group, *, scale, causal, layout, cu, window
         layout, world, rank, b * n, causal=causal, cu=cu, window=window,
         device=str(q.device), rows=b,
     )  # fmt: skip
-    out, lse = _RingAttention.apply(fold(q), fold(k), fold(v), scale, plan, Ring(group), kernel)
+    out, lse = ring_pass(
+        fold(q), fold(k), fold(v), scale=scale, plan=plan, ring=Ring(group), kernel=kernel
+    )
     # out (1, b*n, h, d) -> (b, n, h, d); lse (1, h, b*n) -> (b, h, n)
     return out.view(b, n, *out.shape[2:]), lse.view(lse.shape[1], b, n).transpose(0, 1)

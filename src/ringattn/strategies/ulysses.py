@@ -34,7 +34,7 @@ from ..comm import Ring, all_to_all, world_of
 from ..kernels import Kernel
 from ..layouts import local_indices
 from ..mask_plan import MASK_TILE, ring_mask_plan
-from ..ring import _RingAttention
+from ..ring import ring_pass
 
 
 def kv_repeats(h_kv: int, ulysses: int) -> int:
@@ -105,7 +105,7 @@ def usp_attention(
         tile=min(n, MASK_TILE),  # skip what the ring would skip, at the ring's block size
         device=str(q.device),
     )
-    out, lse = _RingAttention.apply(q, k, v, scale, plan, ring, kernel)
+    out, lse = ring_pass(q, k, v, scale=scale, plan=plan, ring=ring, kernel=kernel)
     if U == 1:
         return out, lse
     if orders is not None:
@@ -117,21 +117,7 @@ def usp_attention(
     return out, lse
 
 
-def ulysses_attention(
-    q, k, v, *, scale, causal, layout, cu, window, kernel: Kernel, group=None, need_lse=True
-):
-    """Ulysses over ``group``: inputs already validated (h % W == 0)."""
-    return usp_attention(
-        q,
-        k,
-        v,
-        scale=scale,
-        causal=causal,
-        layout=layout,
-        cu=cu,
-        window=window,
-        kernel=kernel,
-        ulysses_group=group,
-        ring=Ring.local(),
-        need_lse=need_lse,
-    )
+def ulysses_attention(q, k, v, *, group=None, **kw):
+    """Ulysses over ``group``: inputs already validated (h % W == 0). ``kw``: the options
+    of :func:`usp_attention`."""
+    return usp_attention(q, k, v, ulysses_group=group, ring=Ring.local(), **kw)
