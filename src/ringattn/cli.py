@@ -73,7 +73,7 @@ def _dispatch(cmd: str, rest: list[str]) -> int:
         from .train.cli import train_main
 
         return train_main(rest)
-    raise AssertionError(f"command {cmd!r} has no dispatch")  # COMMANDS lists it
+    raise ValueError(f"unknown command {cmd!r}")  # not reached: main checked COMMANDS
 
 
 if __name__ == "__main__":

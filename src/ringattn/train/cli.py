@@ -81,8 +81,10 @@ def _report(summary: dict) -> None:
         print(f"nothing to do: already at step {summary['steps']} ({summary['checkpoint']})")
         return
     ev = summary.get("eval") or {}
+    steps, here = summary["steps"], len(summary["losses"])
+    resumed = f" ({here} in this run)" if here != steps else ""
     print(
-        f"done: {summary['steps']} steps in {summary['train_time_s']:.0f}s, "
+        f"done: {steps} steps{resumed} in {summary['train_time_s']:.0f}s, "
         f"final train loss {summary['final_loss']:.4f}"
     )
     if ev:
