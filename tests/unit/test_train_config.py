@@ -90,7 +90,9 @@ def test_parse_overrides_keeps_strings_that_are_not_toml():
 
 
 def test_round_trip_through_dict():
-    cfg = load_config(None, ["--parallel.dp=2", "--data.curriculum=[[64, 2, 3]]"])
+    cfg = load_config(
+        None, ["--parallel.dp=2", "--data.curriculum=[[64, 2, 3]]", "--eval.batch_size=2"]
+    )
     assert Config.from_dict(cfg.to_dict()) == cfg
 
 

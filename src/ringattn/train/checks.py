@@ -194,13 +194,10 @@ def check_config(cfg: Config, world_size: int | None = None) -> None:
     ``world_size``, also unless dp * cp * tp equals it (the launched ranks)."""
     _positivity(cfg)
     p = cfg.parallel
-    if world_size is not None and p.dp * p.cp * p.tp != world_size:
-        raise _fail(
-            "parallel.dp * cp * tp",
-            p.dp * p.cp * p.tp,
-            f"must equal the {world_size} launched ranks",
-            "set --parallel.dp/--parallel.cp/--parallel.tp so that their product is that",
-        )
+    if world_size is not None:
+        from ringattn.parallel.dims import ParallelDims
+
+        ParallelDims(p.dp, p.cp, p.tp).check_world(world_size)  # names the options
     _check_heads(cfg)
     _check_lengths(cfg)
     _check_batches(cfg)
