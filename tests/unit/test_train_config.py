@@ -149,11 +149,11 @@ def test_parallel_dims_checks_and_coordinates():
 def test_train_main_reports_config_errors_and_prints_config(capsys):
     import json
 
-    from ringattn.train.cli import train_main
+    from ringattn.cli import main
 
-    assert train_main(["--parallel.cpp=2"]) == 2
+    assert main(["train", "--parallel.cpp=2"]) == 2
     assert "unknown key 'cpp'" in capsys.readouterr().err
-    assert train_main(["--config", str(CONFIGS / "demo.toml"), "--print-config"]) == 0
+    assert main(["train", "--config", str(CONFIGS / "demo.toml"), "--print-config"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["parallel"]["cp"] == 4 and printed["eval"]["seq_len"] >= 8192
 

@@ -238,7 +238,7 @@ def parse_overrides(args: list[str]) -> dict:
             raise ValueError(f"override {arg!r} is not of the form --section.key=value")
         if "=" in arg:
             key, raw = arg[2:].split("=", 1)
-        elif i + 1 < len(args):
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
             key, raw = arg[2:], args[i + 1]
             i += 1
         else:
@@ -314,7 +314,10 @@ def validate(cfg: Config) -> None:
             )
     if cfg.data.kind == "text" and not cfg.data.paths:
         raise ValueError("data.kind='text' needs data.paths (files or folders of text)")
-    cfg.model.build()  # unknown preset -> ValueError
+    try:
+        cfg.model.build()
+    except ValueError as e:  # an unknown preset
+        raise ValueError(f"model.preset={cfg.model.preset!r}: {e}") from None
 
     from ringattn.train.checks import check_config
 
