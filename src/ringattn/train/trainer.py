@@ -261,6 +261,7 @@ class Trainer:
     def _nothing_to_do(self) -> dict:
         return {
             "steps": self.step,
+            "losses": [],
             "nothing_to_do": True,
             "checkpoint": str(latest_checkpoint(self.ckpt_dir) or ""),
         }
