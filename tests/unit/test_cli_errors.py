@@ -47,3 +47,16 @@ def test_bad_input_is_one_clean_line(tmp_path, argv, must_contain):
         argv.insert(1, f"--train.out_dir={run}")
     line = assert_clean_error(argv, must_contain, cwd=tmp_path, run_dir=run)
     assert line.startswith("ringattn")  # says which command complained
+
+
+def test_demo_help_and_config_outside_the_repository(tmp_path):
+    import json
+
+    from tests.cli_errors import run_cli
+
+    rc, out, err = run_cli(["demo", "--help"], tmp_path)
+    assert rc == 0 and out.startswith("usage: ringattn demo"), out + err
+    rc, out, err = run_cli(["demo", "--print-config"], tmp_path)  # the shipped demo.toml
+    assert rc == 0, err
+    cfg = json.loads(out)
+    assert cfg["parallel"]["cp"] == 4 and cfg["data"]["seq_len"] == 8192
