@@ -23,7 +23,7 @@ COMMANDS = ("train", "bench", "plan", "simulate", "demo", "check")
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; returns the exit code. Errors a user can fix reach the terminal as
     one line: a ``ValueError`` from checking the input (exit 2), or the one-line error of a
-    rank that failed (:class:`ringattn.launch.RankError`, exit 1)."""
+    rank that failed (:class:`ringattn.launch.RankError`, exit 1); Ctrl-C is exit 130."""
     from .launch import RankError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"ringattn {cmd}: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"ringattn {cmd}: interrupted", file=sys.stderr)
+        return 130
 
 
 def _dispatch(cmd: str, rest: list[str]) -> int:

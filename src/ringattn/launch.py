@@ -66,6 +66,7 @@ def launch(fn, nprocs: int, *args, threads_per_rank: int = 1) -> dict:
         start_method="spawn",
     )
     os.environ["OMP_NUM_THREADS"] = str(threads_per_rank)  # inherited by the workers
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     with _held_logs(_LAUNCHER_LOGGERS) as held:
@@ -74,6 +75,9 @@ def launch(fn, nprocs: int, *args, threads_per_rank: int = 1) -> dict:
         except ChildFailedError as e:
             held.clear()  # the launcher's account of it; the RankError says it in one line
             raise _rank_error(e) from None
+        except SignalException as e:  # Ctrl-C (or SIGTERM) here: the launcher stopped the ranks
+            held.clear()
+            raise KeyboardInterrupt(str(e)) from None
 
 
 def _rank_error(e) -> RankError:

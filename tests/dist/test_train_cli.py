@@ -99,3 +99,34 @@ def test_trainer_resumed_past_its_steps_returns_without_training(pools, tmp_path
     assert (tmp_path / "metrics.jsonl").read_text() == log
     for name, p in first["params"].items():
         torch.testing.assert_close(again["params"][name], p, rtol=0, atol=0, msg=name)
+
+
+def test_ctrl_c_of_the_command_is_one_line(tmp_path):
+    # SIGINT to the command itself (as `kill -INT`): the launcher stops the ranks, the
+    # command says so in one line, exit 130
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.cli_errors import ROOT
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{ROOT}")
+    argv = [*SMALL, "--train.steps=500", "--train.log_every=1", f"--train.out_dir={tmp_path}"]
+    p = subprocess.Popen(
+        [sys.executable, "-m", "ringattn.cli", "train", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        for line in p.stdout:
+            if line.startswith("step 2/500"):  # the ranks are training
+                break
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 130
+    assert err.strip() == "ringattn train: interrupted"
