@@ -170,9 +170,12 @@ def enable(
         raise ValueError("strategy='hybrid' takes mesh= (and no group=); the others take group=")
     check_model(model, strategy=strategy, world=_world(group, mesh))
     register()
+    mods = _attention_modules(model)
     previous = model.config._attn_implementation
-    ctx = _CP(group, mesh, layout, strategy, kernel, None if previous == NAME else previous)
-    for m in _attention_modules(model):
+    if previous == NAME:  # enabled again (new group or strategy): keep what disable restores
+        previous = next((_CONTEXTS[m].previous for m in mods if m in _CONTEXTS), None)
+    ctx = _CP(group, mesh, layout, strategy, kernel, previous)
+    for m in mods:
         _CONTEXTS[m] = ctx
     _set_implementation(model, NAME)
     model.config.use_cache = False

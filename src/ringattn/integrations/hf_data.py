@@ -134,7 +134,7 @@ def cp_loss(
     local = F.cross_entropy(
         logits.float().flatten(0, 1), labels.flatten(), ignore_index=ignore_index, reduction="sum"
     )
-    count = (labels != ignore_index).sum().to(torch.float32)
+    count = (labels != ignore_index).sum()  # int64: exact at any token count
     if dist.is_initialized():
         dist.all_reduce(count, group=group)
-    return _SumOverRanks.apply(local / count.clamp(min=1.0), group)
+    return _SumOverRanks.apply(local / count.clamp(min=1).to(local.dtype), group)
