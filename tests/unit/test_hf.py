@@ -121,3 +121,12 @@ def test_masks_caches_and_manual_switch_raise_before_attention():
     other.set_attn_implementation(hf.NAME)  # registered, but this model was never enabled
     with pytest.raises(ValueError, match="was not set up for context parallelism"):
         other(input_ids=ids)
+
+
+def test_enable_twice_then_disable_restores_the_original():
+    model = build("llama", attn="eager")
+    hf.enable(model)
+    hf.enable(model, strategy="allgather")  # e.g. a new group or strategy
+    assert model.config._attn_implementation == hf.NAME
+    hf.disable(model)
+    assert model.config._attn_implementation == "eager"
