@@ -99,7 +99,9 @@ def main() -> None:
     ours_cpa.load_state_dict(ours.state_dict())
     ours.set_attention(CPAttention(None, world, a.layout, a.strategy))
     kw = dict(layout=a.layout, strategy=a.strategy)
-    ours_cpa.set_attention(lambda q, k, v, causal: context_parallel_attention(q, k, v, **kw))
+    ours_cpa.set_attention(
+        lambda q, k, v, causal: context_parallel_attention(q, k, v, causal=causal, **kw)
+    )
     n_hf = sum(p.numel() for p in theirs.parameters())
     n_ours = sum(p.numel() for p in ours.parameters())
     assert n_hf == n_ours == cfg.n_params(), (n_hf, n_ours, cfg.n_params())
