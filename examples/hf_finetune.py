@@ -18,6 +18,7 @@ resumes from its newest complete checkpoint, with any dp / cp degrees.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import dataclass
 
@@ -65,6 +66,8 @@ def parse_args(argv=None) -> FinetuneConfig:
         p.error("give exactly one of --model-dir DIR or --tiny")
     if cfg.seq_len % (2 * cfg.cp if cfg.layout == "zigzag" else cfg.cp):
         p.error(f"--seq-len {cfg.seq_len} must divide into the {cfg.layout} chunks of cp={cfg.cp}")
+    if cfg.data and cfg.batch != 1:
+        p.error("--data: documents are found per sequence; use --batch 1 (one per dp rank)")
     if cfg.dtype not in ("fp32", "bf16"):
         p.error("--dtype must be fp32 or bf16")
     return cfg
@@ -117,7 +120,10 @@ def synthetic_batch(step: int, dp_rank: int, cfg: FinetuneConfig, vocab: int):
 def file_batch(tokens: torch.Tensor, step: int, dp_rank: int, cfg: FinetuneConfig):
     """Consecutive windows of a token file; documents split after each ``--eos-id``."""
     n = cfg.batch * cfg.seq_len
-    start = ((step * cfg.dp + dp_rank) * n) % max(1, tokens.numel() - n)
+    windows = tokens.numel() // n  # whole windows; wraps around (epochs)
+    if windows == 0:
+        raise ValueError(f"--data holds {tokens.numel()} tokens, fewer than batch x seq_len = {n}")
+    start = ((step * cfg.dp + dp_rank) % windows) * n
     ids = tokens[start : start + n].view(cfg.batch, cfg.seq_len)
     ends = (ids[0] == cfg.eos_id).nonzero().flatten() + 1  # documents of the first row
     bounds = sorted({0, cfg.seq_len, *ends.tolist()})
@@ -153,7 +159,12 @@ def save_hf(model, path: str) -> None:
 
 def main(cfg: FinetuneConfig) -> None:
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:  # one GPU per process; torchrun sets LOCAL_RANK
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
     mesh = ParallelDims(dp=cfg.dp, cp=cfg.cp).build_mesh("cuda" if cuda else "cpu")
     cp_rank, dp_rank = mesh["cp"].get_local_rank(), mesh["dp"].get_local_rank()
     model = load_model(cfg)
@@ -175,9 +186,12 @@ def main(cfg: FinetuneConfig) -> None:
             if tokens is not None
             else synthetic_batch(step, dp_rank, cfg, vocab)
         )
-        device = "cuda" if cuda else "cpu"
         batch = hf.prepare_batch(
-            ids.to(device), rank=cp_rank, world_size=cfg.cp, layout=cfg.layout, cu_seqlens=cu
+            ids.to("cuda" if cuda else "cpu"),
+            rank=cp_rank,
+            world_size=cfg.cp,
+            layout=cfg.layout,
+            cu_seqlens=cu,
         )
         logits = model(**batch.model_inputs()).logits
         loss = hf.cp_loss(logits, batch.labels, group=mesh["dp_cp"].get_group())
