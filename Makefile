@@ -19,6 +19,14 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e ".[dev,bench]"
 	@touch $(STAMP)
 
+# The optional extras the tests exercise (transformers for ringattn.integrations.hf), installed
+# by `make test` only; their tests skip cleanly where they are absent. They must not replace
+# torch==2.13.0 (pip keeps an installed torch that satisfies them).
+EXTRAS := $(VENV)/.extras
+$(EXTRAS): $(STAMP)
+	$(PY) -m pip install -q -e ".[dev,bench,hf]" torch==2.13.0
+	@touch $(EXTRAS)
+
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -27,7 +35,7 @@ demo: $(STAMP)
 check: $(STAMP)
 	$(PY) -m ringattn.cli check
 
-test: $(STAMP)
+test: $(EXTRAS)
 	$(PY) -m pytest tests
 
 lint: $(STAMP)
