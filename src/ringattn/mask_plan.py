@@ -197,10 +197,16 @@ def block_works(
 # ----------------------------------------------------------------------------- ring plans
 
 
-def group_positions(seq_len: int, layout: str, world: int, group: int, index: int) -> torch.Tensor:
+def group_positions(
+    seq_len: int, layout: str, world: int, group: int, index: int, cu: CuSeqlens = None
+) -> torch.Tensor:
     """Sorted global positions held together by ranks ``index*group .. index*group+group-1``
-    of ``layout`` over ``world`` ranks (group = 1: one rank's own positions)."""
-    parts = [local_indices(seq_len, layout, index * group + u, world) for u in range(group)]
+    of ``layout`` over ``world`` ranks (group = 1: one rank's own positions); ``cu``: the
+    documents (layout "packed" is built from them)."""
+    parts = [
+        local_indices(seq_len, layout, index * group + u, world, cu_seqlens=cu)
+        for u in range(group)
+    ]
     return torch.cat(parts).sort().values
 
 
@@ -239,7 +245,7 @@ def ring_mask_plan(
     if cu is None and window is None and group == 1:
         return ring_plan(layout, causal, rank, world, n)  # the same plan, without the search
     seq = n * world
-    pos = [group_positions(seq, layout, world * group, group, r) for r in range(world)]
+    pos = [group_positions(seq, layout, world * group, group, r, cu) for r in range(world)]
     T = ring_length(pos, causal=causal, cu=cu, window=window)
     kw = dict(causal=causal, cu=cu, window=window, tile=tile, device=torch.device(device))
     return tuple(block_works(pos[rank], pos[(rank - i) % world], **kw) for i in range(T))
@@ -260,7 +266,7 @@ def source_plan(
 ) -> tuple[tuple[BlockWork, ...], ...]:
     """All-gather plan: for each source rank j, this rank's works against j's K/V block."""
     seq = n * world
-    pos = [local_indices(seq, layout, r, world) for r in range(world)]
+    pos = [local_indices(seq, layout, r, world, cu_seqlens=cu) for r in range(world)]
     kw = dict(causal=causal, cu=cu, window=window, tile=tile, device=torch.device(device))
     return tuple(block_works(pos[rank], pos[j], **kw) for j in range(world))
 

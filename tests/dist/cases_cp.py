@@ -37,9 +37,9 @@ def cp_case(spec: dict) -> dict:
     rank, world, kw = _cp_rank(spec)
     q, k, v, dout = make_inputs(spec)
     layout = spec["layout"]
-    sh = lambda x: ringattn.shard(x, layout, rank=rank, world_size=world).clone()
+    cu = spec.get("cu")  # layout "packed" is built from the documents
+    sh = lambda x: ringattn.shard(x, layout, rank=rank, world_size=world, cu_seqlens=cu).clone()
     ql, kl, vl = (sh(t).requires_grad_() for t in (q, k, v))
-    cu = spec.get("cu")
     cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
     with ringattn.count_comm() as counter:
         out, lse = ringattn.context_parallel_attention(

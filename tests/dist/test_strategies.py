@@ -78,7 +78,12 @@ def ring_steps(spec, ring: int, group: int) -> int:
         mask = torch.ones(s, s, dtype=torch.bool)
         mask = mask.tril() if spec["causal"] else mask
     pos = [
-        torch.cat([local_indices(s, spec["layout"], r * group + u, world) for u in range(group)])
+        torch.cat(
+            [
+                local_indices(s, spec["layout"], r * group + u, world, cu_seqlens=spec.get("cu"))
+                for u in range(group)
+            ]
+        )
         for r in range(ring)
     ]
     last = max(

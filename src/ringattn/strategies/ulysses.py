@@ -43,12 +43,16 @@ def kv_repeats(h_kv: int, ulysses: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _sort_order(layout: str, world: int, ring_rank: int, ulysses: int, n: int):
+def _sort_order(layout: str, world: int, ring_rank: int, ulysses: int, n: int, cu=None):
     """Permutation sorting the concatenated shards of one Ulysses group by position (the
-    argsort, long (U*n,)), or None when they already are sorted."""
+    argsort, long (U*n,)), or None when they already are sorted. ``cu``: the documents
+    (tuple), which layout "packed" is built from."""
     seq = world * n
     cat = torch.cat(
-        [local_indices(seq, layout, ring_rank * ulysses + u, world) for u in range(ulysses)]
+        [
+            local_indices(seq, layout, ring_rank * ulysses + u, world, cu_seqlens=cu)
+            for u in range(ulysses)
+        ]
     )
     order = torch.argsort(cat)
     return None if torch.equal(order, torch.arange(cat.numel())) else order
@@ -86,7 +90,7 @@ def usp_attention(
         parts = [x.reshape(b, n, U, -1, d) for x in (q, k, v)]
         packed = torch.cat(parts, dim=3).flatten(2, 3)
         x = all_to_all(packed, scatter_dim=2, gather_dim=1, group=ulysses_group)
-        order = _sort_order(layout, U * ring.world, ring.rank, U, n)
+        order = _sort_order(layout, U * ring.world, ring.rank, U, n, cu)
         if order is not None:  # rank-major layout order -> increasing positions
             order = order.to(q.device)
             x = x.index_select(1, order)
