@@ -64,3 +64,20 @@ def test_packed_without_documents_raises_on_every_rank(pools):
     errs = ei.value.errors
     assert set(errs) == {0, 1}
     assert all("layout='packed'" in m and "cu_seqlens" in m for _, m, _ in errs.values())
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+@pytest.mark.parametrize(
+    "parallel",
+    [{"cp": 4, "strategy": "ring"}, {"cp": 4, "strategy": "hybrid", "ulysses": 2}],
+    ids=["ring", "hybrid_2x2"],
+)
+def test_trainer_packed_layout_matches_one_process(pools, tmp_path, parallel):
+    """parallel.layout='packed' on packed text: each row sharded by its own documents."""
+    from tests.dist.cases_train import reference_run
+    from tests.dist.test_train import _assert_same, _fit, _text_cfg
+
+    cfg = _text_cfg(tmp_path, layout="packed", **parallel)
+    _assert_same(_fit(pools, cfg), reference_run(cfg))

@@ -153,3 +153,34 @@ def test_one_rank_is_the_identity():
 def test_errors_name_the_fix(cu, seq, world, words):
     with pytest.raises(ValueError, match=words):
         shard(torch.zeros(1, seq), "packed", rank=0, world_size=world, cu_seqlens=cu)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        ["--data.kind=retrieval"],
+        ["--data.kind=text", "--data.paths=['x']", "--data.cross_doc_attention=true"],
+    ],
+    ids=["retrieval", "cross_doc"],
+)
+def test_trainer_config_packed_needs_documents(data):
+    from ringattn.train.config import load_config
+
+    with pytest.raises(ValueError, match="parallel.layout='packed'.*zigzag"):
+        load_config(None, ["--parallel.layout=packed", "--parallel.cp=2", *data])
+
+
+def test_shard_batch_packed_rows_use_their_own_documents():
+    from ringattn.parallel.cp import shard_batch
+
+    tokens = torch.arange(32).view(2, 16)
+    cus = [torch.tensor([0, 12, 16]), torch.tensor([0, 2, 16])]
+    tok, lab, pos = shard_batch(
+        tokens, tokens + 100, layout="packed", cp_rank=1, cp=2, cu_seqlens=cus
+    )
+    for i, cu in enumerate(cus):
+        idx = local_indices(16, "packed", 1, 2, cu_seqlens=cu)
+        assert torch.equal(tok[i], tokens[i, idx]) and torch.equal(lab[i], tokens[i, idx] + 100)
+        assert torch.equal(pos[i], doc_positions(cu.tolist())[idx])
+    with pytest.raises(ValueError, match="has none"):
+        shard_batch(tokens, tokens, layout="packed", cp_rank=0, cp=2)

@@ -62,7 +62,7 @@ class ParallelConfig:
     dp: int = 1
     cp: int = 1
     tp: int = 1
-    layout: str = "zigzag"  # contiguous | zigzag | striped
+    layout: str = "zigzag"  # contiguous | zigzag | striped | packed (balanced per document)
     strategy: str = "ring"  # ring | allgather | ulysses | hybrid
     ulysses: int = 1  # hybrid: Ulysses degree inside cp (cp = ring x ulysses)
     kernel: str = "auto"  # local attention kernel of the ring
@@ -258,14 +258,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def _check_packed_layout(cfg: Config) -> None:
+    """Layout "packed" is built from each row's documents: it needs packed documents."""
+    if cfg.parallel.layout != "packed":
+        return
+    if cfg.data.kind != "text" or cfg.data.cross_doc_attention:
+        raise ValueError(
+            "parallel.layout='packed' balances packed documents (cu_seqlens), but "
+            f"data.kind={cfg.data.kind!r} with data.cross_doc_attention="
+            f"{str(cfg.data.cross_doc_attention).lower()} has none: use data.kind='text' with "
+            "data.cross_doc_attention=false, or parallel.layout='zigzag'"
+        )
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that need no process group."""
-    from ringattn.layouts import LAYOUTS
+    from ringattn.layouts import ALL_LAYOUTS
     from ringattn.parallel.ac import AC_MODES
     from ringattn.parallel.cp import STRATEGIES
 
     choices = [
-        ("parallel.layout", cfg.parallel.layout, LAYOUTS),
+        ("parallel.layout", cfg.parallel.layout, ALL_LAYOUTS),
         ("parallel.strategy", cfg.parallel.strategy, STRATEGIES),
         ("parallel.ac", cfg.parallel.ac, AC_MODES),
         ("parallel.device", cfg.parallel.device, ("auto", "cpu", "cuda")),
@@ -283,4 +296,5 @@ def validate(cfg: Config) -> None:
             )
     if cfg.data.kind == "text" and not cfg.data.paths:
         raise ValueError("data.kind='text' needs data.paths (files or folders of text)")
+    _check_packed_layout(cfg)
     cfg.model.build()  # unknown preset -> ValueError
