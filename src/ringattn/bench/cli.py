@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "peers": ("peers", "main", "ring-attention-pytorch, torch native CP, flash libs: ratios"),
     "calibrate": ("calibrate", "main", "measure kernel and gloo rates; simulator vs measured"),
     "train": ("train", "main", "trainer step: tokens/s, TFLOP/s per rank, MFU vs cp"),
+    "packed": ("packed", "main", "packed documents: per-rank FLOPs and time per layout"),
 }
 
 # ``all``: every command at its small defaults, outputs under one folder.

@@ -1,0 +1,216 @@
+"""``ringattn bench packed``: causal load balance over packed documents, per layout.
+
+Document lengths are lognormal (median ``--median`` tokens, sigma ``--sigma``), clipped to
+[64, pack], seeded; each pack of ``seq`` tokens is filled with whole documents and the last
+one cut to fit (no padding). For contiguous, zigzag, striped and "packed"
+(:mod:`ringattn.balance`) at W = 2, 4, 8:
+
+- **FLOPs** per rank from the real mask: :func:`ringattn.mask_plan.mask_flops` (causal x
+  documents, fwd+bwd), max/min over ranks, and the fraction a document mask saves against
+  full causal attention over the pack (blocks with no allowed pair are skipped);
+- **time** per rank, measured: each rank's ring plan (the exact kernel calls it makes,
+  forward then backward) replayed in this process, one rank after the other, CPU seconds,
+  best of ``--repeats``; no communication, so 2 shared cores do not blur the comparison;
+- **balancer speed**: milliseconds to build the "packed" layout for 10^4 documents.
+
+Pure functions return rows; :func:`main` prints a markdown table, appends JSON lines and
+draws the PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+
+import torch
+
+from ..balance import packed_runs
+from ..kernels import fused
+from ..mask_plan import mask_flops, plan_flops, ring_mask_plan
+from .common import add_output_args, machine, machine_line, markdown_table, pyplot, report, save
+
+LAYOUTS = ("contiguous", "zigzag", "striped", "packed")
+MIN_DOC = 64
+
+
+def lognormal_pack(seq: int, seed: int, median: float = 1024.0, sigma: float = 1.5):
+    """cu_seqlens (tuple) of one pack: lognormal lengths in [64, seq], the last one cut."""
+    rng, cu = random.Random(seed), [0]
+    while cu[-1] < seq:
+        length = int(min(seq, max(MIN_DOC, math.exp(rng.gauss(math.log(median), sigma)))))
+        cu.append(min(seq, cu[-1] + length))
+    return tuple(cu)
+
+
+def _ratio(xs) -> float:
+    return max(xs) / min(xs) if min(xs) > 0 else float("inf")
+
+
+def flops_rows(seqs, worlds, seeds, *, median=1024.0, sigma=1.5, heads=8, head_dim=64):
+    """One row per (seq, seed, W, layout): per-rank fwd+bwd FLOPs under the document mask."""
+    rows = []
+    for seq, seed in ((s, sd) for s in seqs for sd in seeds):
+        cu = lognormal_pack(seq, seed, median, sigma)
+        full = 14.0 * heads * head_dim * seq * (seq + 1) / 2  # full causal, fwd (4) + bwd (10)
+        for world in worlds:
+            n = seq // world
+            for layout in LAYOUTS:
+                kw = dict(causal=True, cu_seqlens=cu, heads=heads, head_dim=head_dim)
+                fl = [3.5 * f for f in mask_flops(layout, world, seq, **kw)]  # fwd 4 + bwd 10
+                plans = [
+                    ring_mask_plan(layout, world, r, n, causal=True, cu=cu) for r in range(world)
+                ]
+                calls = [sum(len(step) for step in p) for p in plans]
+                # pairs the kernels compute (a masked box counts whole) over the allowed ones
+                computed = sum(plan_flops(p, n, n, allowed=False) for p in plans) / 4
+                allowed = sum(fl) / (14.0 * heads * head_dim)
+                rows.append(
+                    dict(
+                        kind="flops", seq=seq, seed=seed, world=world, layout=layout,
+                        n_docs=len(cu) - 1, flops_per_rank=fl, flops_max_over_min=_ratio(fl),
+                        saved_vs_causal=1.0 - sum(fl) / full,
+                        computed_over_allowed=computed / allowed,
+                        kernel_calls_max=max(calls),
+                    )
+                )  # fmt: skip
+    return rows
+
+
+def replay_rank(plan, n: int, heads: int, head_dim: int, repeats: int) -> float:
+    """CPU seconds of one rank's kernel calls, forward then backward (its own K/V stands in
+    for every source's: the cost depends on the shapes and masks, not the values)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(1, heads, n, head_dim, generator=g) for _ in range(4))
+    works = [w for step in plan for w in step]
+    scale = head_dim**-0.5
+
+    def once():
+        for w in works:
+            qb, kb, vb = q[:, :, w.q], k[:, :, w.kv], v[:, :, w.kv]
+            kw = dict(causal=w.causal, scale=scale, mask=w.mask)
+            out, lse = fused.cpu_forward(qb, kb, vb, **kw)
+            fused.cpu_backward(do[:, :, w.q], qb, kb, vb, out, lse, **kw)
+
+    once()  # warm-up
+    best = float("inf")
+    for _ in range(max(repeats, 1)):
+        c0 = time.process_time()
+        once()
+        best = min(best, time.process_time() - c0)
+    return best
+
+
+def time_rows(seq, worlds, seed, *, median=1024.0, sigma=1.5, heads=4, head_dim=64, repeats=2):
+    """One row per (W, layout): measured fwd+bwd CPU seconds of every rank's plan."""
+    cu = lognormal_pack(seq, seed, median, sigma)
+    rows = []
+    for world in worlds:
+        n = seq // world
+        for layout in LAYOUTS:
+            plans = [ring_mask_plan(layout, world, r, n, causal=True, cu=cu) for r in range(world)]
+            t = [replay_rank(p, n, heads, head_dim, repeats) for p in plans]
+            rows.append(
+                dict(kind="time", seq=seq, seed=seed, world=world, layout=layout,
+                     n_docs=len(cu) - 1, heads=heads, head_dim=head_dim, dtype="fp32",
+                     fwdbwd_cpu_s_per_rank=t, time_max_over_min=_ratio(t))
+            )  # fmt: skip
+    return rows
+
+
+def speed_row(n_docs: int = 10_000, world: int = 8, repeats: int = 5) -> dict:
+    """Milliseconds to build the "packed" layout of ``n_docs`` documents (best of repeats)."""
+    rng = random.Random(0)
+    cu = [0]
+    for _ in range(n_docs):
+        cu.append(cu[-1] + rng.randint(1, 64))
+    cu[-1] += -cu[-1] % world
+    best = float("inf")
+    for _ in range(repeats):
+        packed_runs.cache_clear()
+        t0 = time.perf_counter()
+        packed_runs(tuple(cu), world)
+        best = min(best, time.perf_counter() - t0)
+    return dict(kind="speed", n_docs=n_docs, world=world, seq=cu[-1], balance_ms=best * 1e3)
+
+
+FLOP_COLUMNS = [
+    ("seq", "pack", "{}"), ("n_docs", "docs", "{}"), ("world", "W", "{}"),
+    ("layout", "layout", "{}"), ("flops_max_over_min", "FLOPs max/min", "{:.3f}"),
+    ("saved_vs_causal", "saved vs full causal", "{:.1%}"),
+    ("kernel_calls_max", "kernel calls (max rank)", "{}"),
+]  # fmt: skip
+TIME_COLUMNS = [
+    ("seq", "pack", "{}"), ("n_docs", "docs", "{}"), ("world", "W", "{}"),
+    ("layout", "layout", "{}"),
+    ("fwdbwd_cpu_s_per_rank", "fwd+bwd CPU s per rank",
+     lambda r: " ".join(f"{x:.3f}" for x in r["fwdbwd_cpu_s_per_rank"])),
+    ("time_max_over_min", "time max/min", "{:.3f}"),
+]  # fmt: skip
+
+
+def plot(rows: list[dict], path: str) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, kind, key, label in (
+        (axes[0], "flops", "flops_max_over_min", "FLOPs max/min (mask_plan, worst pack)"),
+        (axes[1], "time", "time_max_over_min", "measured fwd+bwd time max/min"),
+    ):
+        sub = [r for r in rows if r["kind"] == kind]
+        worlds = sorted({r["world"] for r in sub})
+        width = 0.8 / len(LAYOUTS)
+        for i, layout in enumerate(LAYOUTS):
+            ys = [
+                max(r[key] for r in sub if r["world"] == w and r["layout"] == layout)
+                for w in worlds
+            ]
+            xs = [x + (i - 1.5) * width for x in range(len(worlds))]
+            ax.bar(xs, ys, width, label=layout)
+        ax.set_yscale("log")
+        ax.axhline(1.05 if kind == "flops" else 1.10, color="k", lw=0.8, ls="--")
+        ax.set_xticks(range(len(worlds)), [f"W={w}" for w in worlds])
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+    fig.suptitle("packed documents (lognormal lengths): load balance per layout", fontsize=10)
+    save(fig, path, machine_line(rows[0].get("machine")))
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="ringattn bench packed", description=__doc__)
+    p.add_argument("--seq", type=int, nargs="+", default=[32768, 65536, 131072])
+    p.add_argument("--world", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--seeds", type=int, default=2, help="packs per length")
+    p.add_argument("--median", type=float, default=1024.0)
+    p.add_argument("--sigma", type=float, default=1.5)
+    p.add_argument("--time-seq", type=int, default=16384, help="pack measured (0: skip)")
+    p.add_argument("--time-world", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--repeats", type=int, default=2)
+    add_output_args(p, "packed")
+    args = p.parse_args(argv)
+    dist = dict(median=args.median, sigma=args.sigma)
+    rows = flops_rows(args.seq, args.world, range(args.seeds), **dist)
+    if args.time_seq:
+        rows += time_rows(args.time_seq, args.time_world, 0, repeats=args.repeats, **dist)
+    rows.append(speed_row())
+    m = machine()
+    rows = [dict(r, bench="packed", machine=m) for r in rows]
+    fl = [r for r in rows if r["kind"] == "flops"]
+    tm = [r for r in rows if r["kind"] == "time"]
+    sp = rows[-1]
+    table = markdown_table(fl, FLOP_COLUMNS)
+    if tm:
+        table += "\n\n" + markdown_table(tm, TIME_COLUMNS)
+    notes = (
+        f"Lognormal documents (median {args.median:g}, sigma {args.sigma:g}, {MIN_DOC} tokens "
+        "to the pack), causal, no padding. FLOPs: mask_plan.mask_flops, fwd+bwd, 8 heads x "
+        "64; saved = 1 - document-masked / full causal FLOPs. Time: each rank's ring plan "
+        "replayed (fwd+bwd kernel calls, fp32, 4 heads x 64), CPU s, best of "
+        f"{args.repeats}. Balancer: {sp['balance_ms']:.2f} ms for {sp['n_docs']} documents "
+        f"at W={sp['world']}."
+    )
+    report(rows, table, args, notes)
+    if args.png:
+        plot(rows, args.png)
+    return 0
