@@ -32,6 +32,8 @@ from __future__ import annotations
 import array
 import bisect
 import functools
+import math
+import random
 
 import torch
 
@@ -210,3 +212,16 @@ def rank_work(cu_seqlens, world: int) -> list[int]:
     """Causal work (sum of document-relative position + 1) of each rank under "packed"."""
     cu = cu_tuple(cu_seqlens)
     return [causal_work(cu, runs) for runs in packed_runs(cu, world)]
+
+
+MIN_DOC = 64  # shortest synthetic document
+
+
+def lognormal_pack(seq: int, seed: int, median: float = 1024.0, sigma: float = 1.5):
+    """A synthetic pack for benchmarks and the planner: cu_seqlens (tuple) of ``seq`` tokens
+    filled with lognormal document lengths in [64, seq] (seeded), the last one cut to fit."""
+    rng, cu = random.Random(seed), [0]
+    while cu[-1] < seq:
+        length = int(min(seq, max(MIN_DOC, math.exp(rng.gauss(math.log(median), sigma)))))
+        cu.append(min(seq, cu[-1] + length))
+    return tuple(cu)

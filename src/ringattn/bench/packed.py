@@ -20,28 +20,17 @@ draws the PNG.
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import time
 
 import torch
 
-from ..balance import packed_runs
+from ..balance import MIN_DOC, lognormal_pack, packed_runs
 from ..kernels import fused
 from ..mask_plan import mask_flops, plan_flops, ring_mask_plan
 from .common import add_output_args, machine, machine_line, markdown_table, pyplot, report, save
 
 LAYOUTS = ("contiguous", "zigzag", "striped", "packed")
-MIN_DOC = 64
-
-
-def lognormal_pack(seq: int, seed: int, median: float = 1024.0, sigma: float = 1.5):
-    """cu_seqlens (tuple) of one pack: lognormal lengths in [64, seq], the last one cut."""
-    rng, cu = random.Random(seed), [0]
-    while cu[-1] < seq:
-        length = int(min(seq, max(MIN_DOC, math.exp(rng.gauss(math.log(median), sigma)))))
-        cu.append(min(seq, cu[-1] + length))
-    return tuple(cu)
 
 
 def _ratio(xs) -> float:

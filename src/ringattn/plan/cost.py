@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from ringattn.mask_plan import mask_flops
 from ringattn.model.config import ModelConfig
 from ringattn.plan.hardware import HARDWARE, Hardware
 from ringattn.plan.simulate import BWD_FLOPS_FACTOR, simulate
@@ -323,6 +324,16 @@ class StepEstimate:
         return asdict(self)
 
 
+def attention_pairs(seq: int, causal: bool, cu_seqlens=None) -> float:
+    """Allowed (query, key) pairs of one sequence: S(S+1)/2 causal, S^2 full, and per
+    document (sum over documents of L(L+1)/2 or L^2) with ``cu_seqlens``."""
+    if cu_seqlens is None:
+        return seq * (seq + 1) / 2 if causal else float(seq) ** 2
+    cu = [int(c) for c in cu_seqlens]
+    lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    return float(sum(n * (n + 1) // 2 if causal else n * n for n in lens))
+
+
 def _attention_layer(
     cfg: ModelConfig,
     hw: Hardware,
@@ -334,8 +345,10 @@ def _attention_layer(
     strategy: str,
     layout: str,
     causal: bool,
+    cu_seqlens=None,
 ) -> dict:
-    """Per-layer attention fwd/bwd seconds and exposed communication."""
+    """Per-layer attention fwd/bwd seconds and exposed communication. With ``cu_seqlens``
+    (packed documents) the work per rank and step comes from the real mask (mask_plan)."""
     hd = cfg.head_dim
     heads, kv_heads = cfg.n_heads // tp, max(cfg.kv_heads // tp, 1)
     if strategy == "ring":
@@ -350,11 +363,15 @@ def _attention_layer(
             kv_heads=kv_heads,
             head_dim=hd,
             record=False,
+            cu_seqlens=cu_seqlens,
         )
         return {"model": "simulator", **r.to_dict(per_rank=False)}
-    # All-gather and Ulysses: balanced compute, communication not overlapped (closed form).
-    pairs = seq * (seq + 1) / 2 if causal else float(seq) ** 2
-    fwd_c = 4.0 * batch * heads * hd * pairs / cp / (hw.flops * hw.efficiency)
+    # All-gather and Ulysses: communication not overlapped (closed form). Ulysses splits
+    # heads, so its compute is balanced; all-gather's busiest rank sets the pace.
+    busiest = attention_pairs(seq, causal, cu_seqlens) / cp
+    if strategy == "allgather" and cu_seqlens is not None and cp > 1:
+        busiest = max(mask_flops(layout, cp, seq, causal=causal, cu_seqlens=cu_seqlens)) / 4
+    fwd_c = 4.0 * batch * heads * hd * busiest / (hw.flops * hw.efficiency)
     c, lat = seq / cp, hw.latency_s * (cp - 1)
     kv_bytes = 2 * batch * c * kv_heads * hd * 2
     if strategy == "allgather":
@@ -388,15 +405,28 @@ def predict_step(
     layout: str = "zigzag",
     causal: bool = True,
     checkpointing: str = "full",
+    cu_seqlens=None,
 ) -> StepEstimate:
     """Step time and MFU: attention from the simulator, GEMMs at ``hw.matmul_efficiency``.
+
+    ``cu_seqlens``: packed documents (global boundaries of one sequence); attention work,
+    per rank and step, then comes from the real mask (any layout, "packed" included).
 
     Not modelled (assumed hidden behind compute): FSDP all-gather/reduce-scatter, dp gradient
     reduction, tp collectives, norms, RoPE, the optimizer step.
     """
     _check_parallel(cfg, cp, tp, strategy, checkpointing)
     layer = _attention_layer(
-        cfg, hw, seq, batch=batch, cp=cp, tp=tp, strategy=strategy, layout=layout, causal=causal
+        cfg,
+        hw,
+        seq,
+        batch=batch,
+        cp=cp,
+        tp=tp,
+        strategy=strategy,
+        layout=layout,
+        causal=causal,
+        cu_seqlens=cu_seqlens,
     )
     recompute = checkpointing == "full"
     n_layers = cfg.n_layers
@@ -415,7 +445,7 @@ def predict_step(
         hw_flops += 2 * tokens * n_layers * 2 * cfg.dim * cfg.hidden / tp
     linear_s = hw_flops / (hw.flops * hw.matmul_efficiency)
 
-    pairs = seq * (seq + 1) / 2 if causal else float(seq) ** 2
+    pairs = attention_pairs(seq, causal, cu_seqlens)
     attn_model = 3 * 4.0 * batch * (cfg.n_heads // tp) * cfg.head_dim * pairs / cp
     model_flops = linear_flops + n_layers * attn_model
     step_s = attention_s + linear_s
