@@ -270,9 +270,10 @@ def simulate(
         mat, pairs = mask_matrix(layout, world, seq, causal=causal, cu_seqlens=cu_seqlens)
         n_steps, frac, frac_total = mat.shape[0], mat.__getitem__, mat.sum(0)
     kv_elems = 2 * batch * c * kv_heads * head_dim  # K and V
-    # One device has no neighbour: nothing to send.
-    x_kv = hw.latency_s + kv_elems * dtype_bytes / hw.link_bw if world > 1 else 0.0
-    x_acc = hw.latency_s + kv_elems * acc_bytes / hw.link_bw if world > 1 and backward else 0.0
+    # One device has no neighbour, one step (no pair crosses a rank): nothing to send.
+    ring = world > 1 and n_steps > 1
+    x_kv = hw.latency_s + kv_elems * dtype_bytes / hw.link_bw if ring else 0.0
+    x_acc = hw.latency_s + kv_elems * acc_bytes / hw.link_bw if ring and backward else 0.0
 
     if record is None:
         record = world <= TIMELINE_MAX_WORLD
