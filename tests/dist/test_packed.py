@@ -9,6 +9,7 @@ import itertools
 import pytest
 
 from tests.dist.cases_cp import raise_cp_case
+from tests.dist.pool import RankError
 from tests.dist.test_strategies import HEADS, S_LOCAL, make_spec, run_grid
 
 DTYPE_KERNELS = [("fp32", "sdpa"), ("bf16", "blockwise:4")]
@@ -59,7 +60,7 @@ def test_packed_with_window(pools, strategy):
 
 
 def test_packed_without_documents_raises_on_every_rank(pools):
-    with pytest.raises(Exception) as ei:
+    with pytest.raises(RankError) as ei:
         pools(2).run(raise_cp_case, dict(kw=dict(strategy="ring", layout="packed")))
     errs = ei.value.errors
     assert set(errs) == {0, 1}
