@@ -59,6 +59,24 @@ def test_packed_with_window(pools, strategy):
     run_grid(pools, 4, packed_grid(strategy, 4, window=(5, 0))[::2])
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_packed_unshard_round_trip_and_gradient(pools, world):
+    import torch
+
+    import ringattn
+    from tests.dist.cases import unshard_case
+
+    s = 8 * world
+    cu = packed_docs(s, "long")
+    res = pools(world).run(unshard_case, dict(s=s, layout="packed", cu=cu))
+    x, w = res[0]["x"], res[0]["w"]
+    coef = sum(r + 1 for r in range(world))  # d/d(local) of sum_r (r+1) * <full, w>
+    for r, out in enumerate(res):
+        assert torch.equal(out["full"], x)
+        want = ringattn.shard(w * coef, "packed", rank=r, world_size=world, cu_seqlens=cu)
+        assert torch.allclose(out["grad"], want, rtol=1e-6, atol=1e-6)
+
+
 def test_packed_without_documents_raises_on_every_rank(pools):
     with pytest.raises(RankError) as ei:
         pools(2).run(raise_cp_case, dict(kw=dict(strategy="ring", layout="packed")))
