@@ -11,6 +11,7 @@ one cut to fit (no padding). For contiguous, zigzag, striped and "packed"
 - **time** per rank, measured: each rank's ring plan (the exact kernel calls it makes,
   forward then backward) replayed in this process, one rank after the other, CPU seconds,
   best of ``--repeats``; no communication, so 2 shared cores do not blur the comparison;
+  with ``--ring`` also the real ring on W local gloo ranks (each rank's own CPU seconds);
 - **balancer speed**: milliseconds to build the "packed" layout for 10^4 documents.
 
 Pure functions return rows; :func:`main` prints a markdown table, appends JSON lines and
@@ -108,6 +109,55 @@ def time_rows(seq, worlds, seed, *, median=1024.0, sigma=1.5, heads=4, head_dim=
     return rows
 
 
+def _ring_main(seq: int, cu: tuple, heads: int, head_dim: int, repeats: int) -> list[dict]:
+    """On every launched rank: fwd+bwd of the real ring per layout; this rank's CPU and wall
+    seconds (best of ``repeats`` after a warm-up)."""
+    import torch.distributed as dist
+
+    from ..cp import context_parallel_attention
+    from ..launch import init_distributed
+    from ..layouts import shard
+
+    rank, world, _ = init_distributed(threads=1, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    full = [torch.randn(1, seq, heads, head_dim, generator=g) for _ in range(4)]
+    out = []
+    for layout in LAYOUTS:
+        q, k, v, do = (shard(x, layout, rank=rank, world_size=world, cu_seqlens=cu) for x in full)
+        best = (float("inf"), float("inf"))
+        for _ in range(repeats + 1):  # the first run warms up (plans, gloo pairs)
+            ql, kl, vl = (x.clone().requires_grad_() for x in (q, k, v))
+            dist.barrier()
+            c0, t0 = time.process_time(), time.perf_counter()
+            o = context_parallel_attention(
+                ql, kl, vl, causal=True, layout=layout, cu_seqlens=torch.tensor(cu)
+            )
+            o.backward(do)
+            best = min(best, (time.process_time() - c0, time.perf_counter() - t0))
+        out.append(dict(layout=layout, cpu_s=best[0], wall_s=best[1]))
+    return out
+
+
+def ring_rows(seq, worlds, seed, *, median=1024.0, sigma=1.5, heads=4, head_dim=64, repeats=2):
+    """One row per (W, layout): the real ring on W local gloo ranks, each rank's fwd+bwd CPU
+    seconds (compute and its share of gloo's copies; ranks share the machine's cores)."""
+    from ..launch import launch
+
+    cu = lognormal_pack(seq, seed, median, sigma)
+    rows = []
+    for world in worlds:
+        per_rank = launch(_ring_main, world, seq, cu, heads, head_dim, repeats)
+        for i, layout in enumerate(LAYOUTS):
+            cpu = [per_rank[r][i]["cpu_s"] for r in range(world)]
+            rows.append(
+                dict(kind="ring", seq=seq, seed=seed, world=world, layout=layout,
+                     n_docs=len(cu) - 1, heads=heads, head_dim=head_dim, dtype="fp32",
+                     fwdbwd_cpu_s_per_rank=cpu, time_max_over_min=_ratio(cpu),
+                     wall_s=max(per_rank[r][i]["wall_s"] for r in range(world)))
+            )  # fmt: skip
+    return rows
+
+
 def speed_row(n_docs: int = 10_000, world: int = 8, repeats: int = 20) -> dict:
     """CPU milliseconds to build the "packed" layout of ``n_docs`` documents (best of
     ``repeats``; CPU time, since wall time on a shared machine counts waiting for a core)."""
@@ -132,6 +182,7 @@ FLOP_COLUMNS = [
     ("kernel_calls_max", "kernel calls (max rank)", "{}"),
 ]  # fmt: skip
 TIME_COLUMNS = [
+    ("kind", "measured", lambda r: {"time": "replay", "ring": "gloo ring"}[r["kind"]]),
     ("seq", "pack", "{}"), ("n_docs", "docs", "{}"), ("world", "W", "{}"),
     ("layout", "layout", "{}"),
     ("fwdbwd_cpu_s_per_rank", "fwd+bwd CPU s per rank",
@@ -187,17 +238,20 @@ def main(argv: list[str]) -> int:
     p.add_argument("--time-seq", type=int, default=16384, help="pack measured (0: skip)")
     p.add_argument("--time-world", type=int, nargs="+", default=[4, 8])
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--ring", action="store_true", help="also time the real ring (gloo ranks)")
     add_output_args(p, "packed")
     args = p.parse_args(argv)
     dist = dict(median=args.median, sigma=args.sigma)
     rows = flops_rows(args.seq, args.world, range(args.seeds), **dist)
     if args.time_seq:
         rows += time_rows(args.time_seq, args.time_world, 0, repeats=args.repeats, **dist)
+        if args.ring:
+            rows += ring_rows(args.time_seq, args.time_world, 0, repeats=args.repeats, **dist)
     rows.append(speed_row())
     m = machine()
     rows = [dict(r, bench="packed", machine=m) for r in rows]
     fl = [r for r in rows if r["kind"] == "flops"]
-    tm = [r for r in rows if r["kind"] == "time"]
+    tm = [r for r in rows if r["kind"] in ("time", "ring")]
     sp = rows[-1]
     table = markdown_table(fl, FLOP_COLUMNS)
     if tm:
@@ -207,8 +261,9 @@ def main(argv: list[str]) -> int:
         "to the pack), causal, no padding. FLOPs: mask_plan.mask_flops, fwd+bwd, 8 heads x "
         "64; saved = 1 - document-masked / full causal FLOPs. Time: each rank's ring plan "
         "replayed (fwd+bwd kernel calls, fp32, 4 heads x 64), CPU s, best of "
-        f"{args.repeats}. Balancer: {sp['balance_ms']:.2f} ms for {sp['n_docs']} documents "
-        f"at W={sp['world']}."
+        f"{args.repeats}; gloo ring (--ring): the real ring on W local ranks, each rank's "
+        "own CPU s (compute + its share of gloo's copies). Balancer: "
+        f"{sp['balance_ms']:.2f} ms CPU for {sp['n_docs']} documents at W={sp['world']}."
     )
     report(rows, table, args, notes)
     if args.png:
