@@ -113,3 +113,11 @@ def test_bench_packed_rows_and_main(tmp_path):
     kinds = [json.loads(line)["kind"] for line in out.read_text().splitlines()]
     assert kinds.count("flops") == 4 and kinds.count("time") == 4 and kinds[-1] == "speed"
     assert png.stat().st_size > 0
+
+
+def test_bench_packed_real_ring_smoke():
+    from ringattn.bench import packed
+
+    rows = packed.ring_rows(512, [2], 0, median=64, heads=1, head_dim=16, repeats=1)
+    assert [r["layout"] for r in rows] == list(packed.LAYOUTS)
+    assert all(len(r["fwdbwd_cpu_s_per_rank"]) == 2 and r["wall_s"] > 0 for r in rows)
