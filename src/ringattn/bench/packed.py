@@ -196,7 +196,7 @@ def plot(rows: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     for ax, kind, key, label in (
         (axes[0], "flops", "flops_max_over_min", "FLOPs max/min (mask_plan, worst pack)"),
-        (axes[1], "time", "time_max_over_min", "measured fwd+bwd time max/min"),
+        (axes[1], "time", "time_max_over_min", "fwd+bwd time max/min (replayed plans)"),
     ):
         sub = [r for r in rows if r["kind"] == kind]
         worlds = sorted({r["world"] for r in sub})
@@ -221,7 +221,7 @@ def plot(rows: list[dict], path: str) -> None:
               if r["world"] == w and r["layout"] == layout]  # fmt: skip
         axes[2].bar([x + (i - 1.5) * 0.2 for x in range(len(worlds))], ys, 0.2, label=layout)
     axes[2].set_xticks(range(len(worlds)), [f"W={w}" for w in worlds])
-    axes[2].set_ylabel("slowest rank, fwd+bwd CPU s (measured)")
+    axes[2].set_ylabel("slowest rank, fwd+bwd CPU s (replayed)")
     axes[2].grid(alpha=0.3, axis="y")
     axes[2].legend(fontsize=8)
     fig.suptitle("packed documents (lognormal lengths): load balance per layout", fontsize=10)
