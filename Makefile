@@ -1,36 +1,47 @@
+# Everything runs in a project-local virtual environment, .venv, created on first use: the
+# Python that creates it (PYTHON) is never modified. `make demo` and `make test` are the only
+# set-up commands a user needs.
 PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 1
-STAMP := .make/installed
+STAMP := $(VENV)/.installed
 
-.PHONY: install demo check test lint bench plan clean
+.PHONY: install demo check test lint bench plan clean distclean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
 
 # Installs once per pyproject change; torch is pinned here (an unpinned resolver would fetch a
 # multi-GB CUDA build).
-$(STAMP): pyproject.toml
-	$(PYTHON) -m pip install -q torch==2.13.0
-	$(PYTHON) -m pip install -q -e ".[dev,bench]"
-	@mkdir -p .make && touch $(STAMP)
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	@touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PYTHON) -m ringattn.cli train --config configs/demo.toml
+	$(PY) -m ringattn.cli demo
 
 check: $(STAMP)
-	$(PYTHON) -m ringattn.cli check
+	$(PY) -m ringattn.cli check
 
 test: $(STAMP)
-	$(PYTHON) -m pytest tests
+	$(PY) -m pytest tests
 
 lint: $(STAMP)
-	$(PYTHON) -m ruff check src tests benchmarks examples
-	$(PYTHON) -m ruff format --check src tests benchmarks examples
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff format --check src tests benchmarks examples
 
 bench: $(STAMP)
-	$(PYTHON) -m ringattn.cli bench attention --world 2 4 --seq 8192 --layout contiguous zigzag striped --causal both --dtype fp32 bf16
+	$(PY) -m ringattn.cli bench attention --world 2 4 --seq 8192 --layout contiguous zigzag striped --causal both --dtype fp32 bf16
 
 plan: $(STAMP)
-	$(PYTHON) -m ringattn.cli plan --paper-table
+	$(PY) -m ringattn.cli plan --paper-table
 
 clean:
 	rm -rf build dist .pytest_cache runs .make
+
+distclean: clean
+	rm -rf $(VENV)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from ringattn.bench import calibrate, layouts, memory, peers, scaling
-from ringattn.bench.common import read_rows
+from ringattn.bench.output import read_rows
 
 PLOTS = {
     "scaling": scaling.plot_strong,

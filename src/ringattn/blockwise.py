@@ -7,24 +7,15 @@ is bounded by the block size in both directions.
 
 from __future__ import annotations
 
-import torch
-
 from .comm import Ring
 from .kernels import blockwise_kernel
-from .ring import _RingAttention
+from .ring import ring_pass
 from .schedule import BlockWork
 from .validate import check_qkv
 
 
 def blockwise_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool = False,
-    softmax_scale: float | None = None,
-    block_size: int = 256,
-    return_lse: bool = False,
+    q, k, v, *, causal=False, softmax_scale=None, block_size=256, return_lse=False
 ):
     """Exact attention on one device with memory bounded by ``block_size``.
 
@@ -39,7 +30,6 @@ def blockwise_attention(
         )
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     plan = ((BlockWork(slice(0, None), slice(0, None), causal),),)
-    out, lse = _RingAttention.apply(
-        q, k, v, scale, plan, Ring.local(), blockwise_kernel(block_size)
-    )
+    kernel = blockwise_kernel(block_size)
+    out, lse = ring_pass(q, k, v, scale=scale, plan=plan, ring=Ring.local(), kernel=kernel)
     return (out, lse) if return_lse else out

@@ -8,7 +8,8 @@ USAGE = """usage: ringattn <command> [options]
 
 commands:
   train       train the LLaMA-style model with context parallelism (TOML + overrides)
-  bench       benchmarks: attention|scaling|weak|memory|layouts|peers|calibrate|all
+  bench       benchmarks: attention|scaling|weak|memory|layouts|peers|calibrate|train|all
+              (`ringattn bench --help`; `bench train`: trainer tokens/s and MFU vs cp)
   plan        planner: block size, memory, longest context (`--help`)
   simulate    discrete-event ring simulator (`--help`)
   demo        the main job: train on the retrieval task, 4 local CPU ranks, 8K context
@@ -17,12 +18,40 @@ commands:
 """
 
 
+COMMANDS = ("train", "bench", "plan", "simulate", "demo", "check")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; returns the exit code. Errors a user can fix reach the terminal as
+    one line: a ``ValueError`` from checking the input (exit 2), or the one-line error of a
+    rank that failed (:class:`ringattn.launch.RankError`, exit 1); Ctrl-C is exit 130."""
+    from .launch import RankError
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
     cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(
+            f"ringattn: unknown command {cmd!r}; choose one of {', '.join(COMMANDS)}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        return _dispatch(cmd, rest)
+    except RankError as e:
+        print(f"ringattn {cmd}: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"ringattn {cmd}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ringattn {cmd}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(cmd: str, rest: list[str]) -> int:
     if cmd == "bench":
         from .bench.cli import bench_main
 
@@ -32,10 +61,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return check(rest)
     if cmd == "demo":
-        # the main job: `ringattn train --config configs/demo.toml` (run from the repo root)
-        from .train.cli import train_main
+        # the main job: `ringattn train --config demo` (the config shipped with the package)
+        from .train.cli import demo_main
 
-        return train_main(["--config", "configs/demo.toml", *rest])
+        return demo_main(rest)
     if cmd == "plan":
         from .plan.cli import plan_main
 
@@ -48,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         from .train.cli import train_main
 
         return train_main(rest)
-    print(f"unknown command {cmd!r}\n\n{USAGE}")
-    return 2
+    raise ValueError(f"unknown command {cmd!r}")  # not reached: main checked COMMANDS
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 - :class:`Ring`: send to rank+1, receive from rank-1. ``exchange`` posts the transfer and
   returns at once; ``wait`` blocks. No device synchronisation inside, so compute issued
-  between the two overlaps the transfer.
+  between the two overlaps the transfer. On NCCL a step's sends and receives are posted as
+  one ``batch_isend_irecv``; on gloo as separate isend/irecv (see BATCHED_P2P_BACKENDS).
 - :func:`all_gather`, :func:`reduce_scatter`, :func:`all_to_all`: differentiable collectives
   with their autograd written here (``torch.distributed.nn.functional`` gave wrong gradients
   on gloo, see REFERENCE.md).
@@ -30,7 +31,11 @@ class CommError(RuntimeError):
 class CommCounter:
     calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    wait_s: float = 0.0  # time blocked in Pending.wait (communication not hidden by compute)
+    # Host seconds blocked in Pending.wait and blocking collectives on CPU tensors (gloo):
+    # communication not hidden by compute. Not counted for device tensors: there wait()
+    # only makes the compute stream wait for the communication stream and returns at once,
+    # so host time says nothing about blocked time (benchmarks synchronize around a step).
+    wait_s: float = 0.0
 
     def add(self, kind: str, nbytes: int) -> None:
         self.calls[kind] += 1
@@ -71,6 +76,16 @@ def world_of(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def _on_host(tensors) -> bool:
+    """True when the host blocks until these tensors' transfers are done (CPU tensors)."""
+    return all(t.device.type == "cpu" for t in tensors)
+
+
+def _add_wait(t0: float) -> None:
+    for c in _COUNTERS:
+        c.wait_s += time.perf_counter() - t0
+
+
 class Pending:
     """Transfers in flight; ``wait()`` returns the received tensors."""
 
@@ -84,10 +99,27 @@ class Pending:
                 w.wait()
             except Exception as e:  # gloo: peer closed or timed out; NCCL: watchdog
                 raise CommError(f"{self._where} failed: {e}") from e
-        if self._works:
-            for c in _COUNTERS:
-                c.wait_s += time.perf_counter() - t0
+        if self._works and _on_host(self._recv):
+            _add_wait(t0)
         return self._recv
+
+
+def p2p_backend(group, device: torch.device) -> str:
+    """The backend that carries ``device`` tensors on ``group``: "gloo", "nccl", ... (from
+    "nccl", or "cpu:gloo,cuda:nccl" when the group was created with one per device)."""
+    name = str(dist.get_backend(group))
+    if ":" not in name:
+        return name
+    per_device = dict(part.split(":", 1) for part in name.split(","))
+    return per_device.get(device.type, name)
+
+
+# Backends that coalesce a batch of P2P operations into one group call. NCCL needs it for a
+# ring: separately posted sends may block until the peer posts the matching receive, and
+# each lazily created per-pair communicator blocks until both sides join, so W ranks all
+# sending first can deadlock. gloo runs a batch op by op anyway (batch_isend_irecv has been
+# reported to hang there), so it keeps separate isend/irecv.
+BATCHED_P2P_BACKENDS = ("nccl",)
 
 
 class Ring:
@@ -115,10 +147,17 @@ class Ring:
         recv = [torch.empty_like(t) for t in tensors]
         sends = [t.contiguous() for t in tensors]
         dst, src = self._global(self.rank + shift), self._global(self.rank - shift)
-        # isend/irecv pairs (not blocking send-then-recv, which deadlocks around a ring);
-        # one work object per op, all waited on (batch_isend_irecv can hang on gloo).
-        works = [dist.isend(t, dst, group=self.group) for t in sends]
-        works += [dist.irecv(t, src, group=self.group) for t in recv]
+        if p2p_backend(self.group, sends[0].device) in BATCHED_P2P_BACKENDS:
+            # one batch: every send and receive of this step posted together
+            c10d = dist.distributed_c10d  # P2POp wants these very functions
+            ops = [dist.P2POp(c10d.isend, t, dst, self.group) for t in sends]
+            ops += [dist.P2POp(c10d.irecv, t, src, self.group) for t in recv]
+            works = dist.batch_isend_irecv(ops)
+        else:
+            # isend/irecv pairs (not blocking send-then-recv, which deadlocks around a
+            # ring); one work object per op, all waited on
+            works = [dist.isend(t, dst, group=self.group) for t in sends]
+            works += [dist.irecv(t, src, group=self.group) for t in recv]
         _record(f"ring:{what.split(' at ')[0]}", _nbytes(sends))
         where = f"rank {self.rank}: {what}: receiving from rank {(self.rank - shift) % self.world}"
         return Pending(works, recv, where)
@@ -128,20 +167,26 @@ class Ring:
 
 
 # torch 2.13 renamed the tensor collectives; older releases only have the old names.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+# Looked up at call time, so ringattn.dist_trace sees these calls like any other.
+def _all_gather_single(out, x, **kw):
+    return (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x, **kw)
+
+
+def _reduce_scatter_single(out, x, **kw):
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(out, x, **kw)
 
 
 def _check(where: str, fn, *args, **kw):
-    """Run a blocking collective; its whole duration counts as communication wait."""
+    """Run a collective; with CPU tensors (blocking) its duration counts as wait_s."""
     t0 = time.perf_counter()
     try:
         res = fn(*args, **kw)
     except Exception as e:
         rank = dist.get_rank() if dist.is_initialized() else 0
         raise CommError(f"global rank {rank}: {where} failed: {e}") from e
-    for c in _COUNTERS:
-        c.wait_s += time.perf_counter() - t0
+    if not kw.get("async_op") and _on_host(a for a in args if isinstance(a, torch.Tensor)):
+        _add_wait(t0)
     return res
 
 

@@ -27,12 +27,15 @@ from .comm import Ring, world_of
 from .kernels import Kernel, get_kernel
 from .layouts import ALL_LAYOUTS
 from .mask_plan import ring_mask_plan
-from .ring import _RingAttention
+from .ring import ring_pass
 from .strategies import allgather_attention, hybrid_attention, ulysses_attention
 from .strategies.hybrid import mesh_groups
-from .validate import agree, check_layout_len, check_qkv, dtype_code
+from .validate import QKV_FIELDS, agree, check_layout_len, check_qkv, dtype_code
 
 STRATEGIES = ("ring", "allgather", "ulysses", "hybrid")
+# what the ranks agree on (validate.agree), in the order of ``meta`` below
+_FIELDS = (*QKV_FIELDS, "layout", "causal", "strategy", "window left", "window right",
+           "cu_seqlens length", "cu_seqlens checksum")  # fmt: skip
 
 
 def check_cu_seqlens(cu_seqlens, seq_len: int, *, name: str) -> tuple[int, ...] | None:
@@ -70,6 +73,24 @@ def check_cu_seqlens(cu_seqlens, seq_len: int, *, name: str) -> tuple[int, ...] 
             "sequence before sharding: pad the last document to fill it"
         )
     return vals
+
+
+def check_row_cu_seqlens(cu_seqlens, batch: int, seq_len: int, *, name: str):
+    """One ``cu_seqlens`` per batch row -> a tuple of tuples (each as check_cu_seqlens)."""
+    if len(cu_seqlens) != batch:
+        raise ValueError(
+            f"{name}: cu_seqlens is a list of {len(cu_seqlens)} tensors; give one per batch "
+            f"row ({batch}), or one tensor for every row"
+        )
+    return tuple(check_cu_seqlens(c, seq_len, name=name) for c in cu_seqlens)
+
+
+def _end_to_end(row_cus, seq_len: int) -> tuple[int, ...]:
+    """The rows' documents over the rows laid end to end (row i shifted by i * seq_len)."""
+    out = [0]
+    for i, cu in enumerate(row_cus):
+        out += [i * seq_len + c for c in cu[1:]]
+    return tuple(out)
 
 
 def check_window(window, causal: bool, *, name: str) -> tuple[int, int] | None:
@@ -155,13 +176,17 @@ def context_parallel_attention(
         strategy: "ring", "allgather", "ulysses" (needs h % W == 0) or "hybrid".
         causal: causal mask in GLOBAL token positions.
         softmax_scale: defaults to ``d ** -0.5``.
-        layout: "contiguous", "zigzag", "striped" (:mod:`ringattn.layouts`) or "packed"
+        layout: "zigzag" (default: equal causal work on every rank, see
+            :func:`ringattn.ring_attention`), "contiguous", "striped", or "packed"
             (:mod:`ringattn.balance`: balanced for the documents of ``cu_seqlens``; shard
-            with ``ringattn.shard(x, "packed", ..., cu_seqlens=cu_seqlens)``).
+            with ``ringattn.shard(x, "packed", ..., cu_seqlens=cu_seqlens)``, row by row for
+            a list of per-row ``cu_seqlens``).
         group: process group (default: the world; one process without torch.distributed).
         mesh: for "hybrid": a 2-D DeviceMesh with dims named "ring" and "ulysses".
         cu_seqlens: (n_docs + 1,) int32, GLOBAL document boundaries, 0 first and the global
-            length last: no token attends across a boundary.
+            length last: no token attends across a boundary. Rows with documents of their
+            own: a list of b such tensors, one per row (the ring then runs one pass for the
+            whole batch, the other strategies one per row).
         window: (left, right): query at p sees keys in [p - left, p + right]; -1 = unbounded.
             With causal=True, right must be 0 or -1.
         return_lse: also return lse (b, h, s_local) fp32 (natural log, scale applied).
@@ -177,13 +202,17 @@ def context_parallel_attention(
     for _, w in ranks:
         world *= w
     ulysses = {"ulysses": world, "hybrid": ranks[-1][1]}.get(strategy, 1)
-    error, cu, win, kern = None, None, None, None
+    error, cu, win, kern, row_cus = None, None, None, None, None
     try:
         check_qkv(q, k, v, name=name)
         if layout != PACKED:  # "packed" holds any s / W tokens; it needs the documents
             check_layout_len(layout, q.shape[1], name=name)
         kern = get_kernel(kernel, q.device, q.dtype)
-        cu = check_cu_seqlens(cu_seqlens, world * q.shape[1], name=name)
+        if isinstance(cu_seqlens, (list, tuple)):
+            row_cus = check_row_cu_seqlens(cu_seqlens, q.shape[0], world * q.shape[1], name=name)
+            cu = _end_to_end(row_cus, world * q.shape[1])
+        else:
+            cu = check_cu_seqlens(cu_seqlens, world * q.shape[1], name=name)
         if layout == PACKED and cu is None:
             raise ValueError(
                 f"{name}: layout='packed' is built from the documents: pass cu_seqlens (the "
@@ -209,30 +238,58 @@ def context_parallel_attention(
         ]
     for g in groups:  # two rounds for a mesh, so a bad rank reaches every rank of it
         try:
-            agree(g, meta, error, name=name)
+            agree(g, meta, error, name=name, fields=_FIELDS)
         except ValueError as e:
             error = e
     if error is not None:
         raise error
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if row_cus is not None and strategy != "ring":  # one pass per row, checked once above
+        outs = [
+            _strategy_call(
+                strategy, q[i : i + 1], k[i : i + 1], v[i : i + 1], group, mesh, return_lse,
+                scale=scale, causal=causal, layout=layout, cu=c, window=win, kernel=kern,
+            )
+            for i, c in enumerate(row_cus)
+        ]  # fmt: skip
+        out, lse = (torch.cat(t, dim=0) for t in zip(*outs))
+        return (out, lse) if return_lse else out
     kw = dict(scale=scale, causal=causal, layout=layout, cu=cu, window=win, kernel=kern)
-    if strategy == "ring":
+    if strategy == "ring" and row_cus is not None:
+        out, lse = _ring_rows(q, k, v, ranks[0][0], world, group, **kw)
+    elif strategy == "ring":
         rank, _ = ranks[0]
         plan = ring_mask_plan(
-            layout,
-            world,
-            rank,
-            q.shape[1],
-            causal=causal,
-            cu=cu,
-            window=win,
-            device=str(q.device),
+            layout, world, rank, q.shape[1], causal=causal, cu=cu, window=win, device=str(q.device)
         )
-        out, lse = _RingAttention.apply(q, k, v, scale, plan, Ring(group), kern)
-    elif strategy == "allgather":
-        out, lse = allgather_attention(q, k, v, group=group, **kw)
-    elif strategy == "ulysses":
-        out, lse = ulysses_attention(q, k, v, group=group, need_lse=return_lse, **kw)
+        out, lse = ring_pass(q, k, v, scale=scale, plan=plan, ring=Ring(group), kernel=kern)
     else:
-        out, lse = hybrid_attention(q, k, v, mesh=mesh, need_lse=return_lse, **kw)
+        out, lse = _strategy_call(strategy, q, k, v, group, mesh, return_lse, **kw)
     return (out, lse) if return_lse else out
+
+
+def _strategy_call(strategy, q, k, v, group, mesh, return_lse, **kw):
+    """The all-gather, Ulysses or hybrid strategy on checked inputs -> (out, lse)."""
+    if strategy == "allgather":
+        return allgather_attention(q, k, v, group=group, **kw)
+    if strategy == "ulysses":
+        return ulysses_attention(q, k, v, group=group, need_lse=return_lse, **kw)
+    return hybrid_attention(q, k, v, mesh=mesh, need_lse=return_lse, **kw)
+
+
+def _ring_rows(q, k, v, rank, world, group, *, scale, causal, layout, cu, window, kernel):
+    """One ring pass for b rows with documents of their own: the rows are laid end to end
+    as one sequence of b * s tokens (``cu`` separates them, so nothing crosses a row) and
+    the plan uses each row's layout positions. K/V of every row travel together: W-1 hops
+    for the batch instead of W-1 per row."""
+    b, n = q.shape[:2]
+    fold = lambda t: t.reshape(1, b * n, *t.shape[2:])  # noqa: E731  # (1, b*n, h, d)
+    plan = ring_mask_plan(
+        layout, world, rank, b * n, causal=causal, cu=cu, window=window,
+        device=str(q.device), rows=b,
+    )  # fmt: skip
+    out, lse = ring_pass(
+        fold(q), fold(k), fold(v), scale=scale, plan=plan, ring=Ring(group), kernel=kernel
+    )
+    # out (1, b*n, h, d) -> (b, n, h, d); lse (1, h, b*n) -> (b, h, n)
+    return out.view(b, n, *out.shape[2:]), lse.view(lse.shape[1], b, n).transpose(0, 1)

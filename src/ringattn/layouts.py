@@ -16,6 +16,8 @@ layouts that need nothing but the length); :data:`ALL_LAYOUTS` has all four.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.distributed as dist
 
@@ -30,8 +32,30 @@ def check_layout(layout: str) -> None:
         raise ValueError(f"layout={layout!r} is unknown; choose one of {ALL_LAYOUTS}")
 
 
+def _as_int(v) -> int | None:
+    """``v`` as an int if it is one (numpy and 0-d integer tensors too), else None."""
+    if isinstance(v, bool):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
+
+
+def check_sizes(seq_len: int, world_size: int) -> None:
+    """A sequence length >= 0 and a world size >= 1 (both ints)."""
+    if _as_int(seq_len) is None or seq_len < 0:
+        raise ValueError(f"seq_len={seq_len!r} must be an int >= 0 (the global sequence length)")
+    if _as_int(world_size) is None or world_size < 1:
+        raise ValueError(
+            f"world_size={world_size!r} must be an int >= 1 (the number of ranks the sequence "
+            "is split over)"
+        )
+
+
 def check_divisible(seq_len: int, layout: str, world_size: int, cu_seqlens=None) -> None:
     check_layout(layout)
+    check_sizes(seq_len, world_size)
     if layout == PACKED:
         check_packed(cu_seqlens, seq_len, world_size)
         return
@@ -100,6 +124,23 @@ def doc_starts(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:
     return cu[doc]
 
 
+def check_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int) -> None:
+    """``cu_seqlens``: 1-D, starts at 0, never decreases, ends at ``seq_len`` (reads the
+    values: call once per batch, not per layer)."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or len(cu_seqlens) < 2:
+        raise ValueError(
+            "cu_seqlens must be a 1-D tensor (n_docs + 1,) of document boundaries, e.g. "
+            f"tensor([0, 5, {seq_len}]); got {cu_seqlens!r}"
+        )
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0 or cu[-1] != seq_len:
+        raise ValueError(
+            f"cu_seqlens must start at 0 and end at seq_len={seq_len}; got {cu[0]} ... {cu[-1]}"
+        )
+    if any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"cu_seqlens must not decrease (document boundaries in order); got {cu}")
+
+
 def positions(
     seq_len: int,
     layout: str,
@@ -114,6 +155,7 @@ def positions(
     idx = local_indices(seq_len, layout, rank, world_size, device, cu_seqlens)
     if cu_seqlens is None:
         return idx
+    check_cu_seqlens(cu_seqlens, seq_len)
     return idx - doc_starts(cu_seqlens.to(idx.device), seq_len)[idx]
 
 

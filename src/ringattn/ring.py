@@ -15,7 +15,7 @@ import torch
 from .comm import Ring, world_of
 from .kernels import Kernel, get_kernel, merge_
 from .schedule import RingPlan, ring_plan
-from .validate import agree, check_layout_len, check_qkv, dtype_code
+from .validate import QKV_FIELDS, agree, check_layout_len, check_qkv, dtype_code
 
 _LAYOUT_CODE = {"contiguous": 0, "zigzag": 1, "striped": 2}
 
@@ -133,6 +133,19 @@ class _RingAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
+def ring_pass(q, k, v, *, scale: float, plan: RingPlan, ring: Ring, kernel: Kernel):
+    """One differentiable ring pass: the internal core every entry point ends in.
+
+    ``ring_attention``, the "ring" strategy, Ulysses/hybrid (after their all-to-all) and
+    ``blockwise_attention`` (a one-rank ring) all call this with inputs they have already
+    validated. q (b, n, h, d), k/v (b, n, h_kv, d); ``plan`` says which blocks each of the
+    T steps computes (``schedule.ring_plan`` or ``mask_plan.ring_mask_plan``), ``ring`` moves
+    K/V (``Ring.local()`` for one rank). Returns out (b, n, h, d) in the input dtype and lse
+    (b, h, n) fp32 (not differentiable).
+    """
+    return _RingAttention.apply(q, k, v, scale, plan, ring, kernel)
+
+
 def ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -140,7 +153,7 @@ def ring_attention(
     *,
     causal: bool = False,
     softmax_scale: float | None = None,
-    layout: str = "contiguous",
+    layout: str = "zigzag",
     group=None,
     return_lse: bool = False,
     kernel: str | Kernel = "auto",
@@ -152,8 +165,13 @@ def ring_attention(
         k, v: (b, s_local, h_kv, d), ``h % h_kv == 0``; they travel with h_kv heads.
         causal: causal mask in GLOBAL token positions (as laid out by ``layout``).
         softmax_scale: defaults to ``d ** -0.5``.
-        layout: how the caller sharded the sequence: "contiguous", "zigzag", "striped"
-            (see :mod:`ringattn.layouts`; ``ringattn.shard`` produces each of them).
+        layout: how the caller sharded the sequence: "zigzag" (default), "contiguous",
+            "striped" (see :mod:`ringattn.layouts`; ``ringattn.shard`` produces each of
+            them). Zigzag is the default at every entry point because it is the one right
+            for causal training: every rank does the same work at every ring step (the
+            contiguous layout gives the last rank 2W-1 times the first's), and without a
+            mask it costs the same as the others. It needs the global length divisible by
+            2W; shard with the same layout you pass here.
         group: process group of the ring (default: the world group; one process without
             torch.distributed).
         return_lse: also return lse (b, h, s_local) fp32, natural log, scale applied.
@@ -175,8 +193,8 @@ def ring_attention(
     meta = [-1] * 8
     if error is None:
         meta = [*q.shape, k.shape[2], dtype_code(q.dtype), _LAYOUT_CODE[layout], int(causal)]
-    agree(group, meta, error, name=name)
+    agree(group, meta, error, name=name, fields=(*QKV_FIELDS, "layout", "causal"))
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     plan = ring_plan(layout, causal, rank, world, q.shape[1])
-    out, lse = _RingAttention.apply(q, k, v, scale, plan, Ring(group), kern)
+    out, lse = ring_pass(q, k, v, scale=scale, plan=plan, ring=Ring(group), kernel=kern)
     return (out, lse) if return_lse else out

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .kernels.mask import MaskSpec
-from .layouts import LAYOUTS, check_layout
+from .layouts import check_layout, check_sizes
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def attention_flops(
     Backward recomputes QK^T and adds dV, dP, dQ, dK -> 10*b*h*d per pair (2.5x forward).
     """
     check_layout(layout)
-    assert layout in LAYOUTS
+    check_sizes(seq_len, world_size)
     n = seq_len // world_size
     per_pair = (10 if backward else 4) * batch * heads * head_dim
     return [

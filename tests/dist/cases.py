@@ -7,6 +7,7 @@ import torch.distributed as dist
 
 import ringattn
 from ringattn.kernels import blockwise_kernel
+from ringattn.validate import clear_checked
 
 DTYPES = {
     "fp32": torch.float32,
@@ -42,6 +43,7 @@ def _noncontig(x: torch.Tensor) -> torch.Tensor:
 
 def ring_case(spec: dict) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
+    clear_checked()  # every rank: this case's first call runs its input check (counted)
     q, k, v, dout = make_inputs(spec)
     layout = spec["layout"]
     sh = lambda x: ringattn.shard(x, layout, rank=rank, world_size=world).clone()
@@ -79,6 +81,7 @@ def ring_case(spec: dict) -> dict:
 def raise_case(spec: dict):
     """Calls ring_attention with inputs that some ranks get wrong (spec['bad'])."""
     rank = dist.get_rank()
+    clear_checked()
     s_local = spec["s_local"] + (1 if rank in spec.get("longer_on", ()) else 0)
     hk = spec.get("hk", 2)
     if rank in spec.get("bad_heads_on", ()):
@@ -128,3 +131,32 @@ def unshard_case(spec: dict) -> dict:
     full = ringattn.unshard(local, spec["layout"], cu_seqlens=cu)
     ((full * w).sum() * (rank + 1)).backward()  # rank-dependent loss: grads must be summed
     return {"full": full.detach(), "grad": local.grad, "x": x, "w": w}
+
+
+def repeat_case(spec: dict) -> dict:
+    """ring_attention twice with one signature: what each call sends (torch.distributed
+    calls by function, and ringattn's own count)."""
+    from ringattn.dist_trace import trace_dist
+
+    clear_checked()
+    q = torch.randn(1, 8, 4, 8, requires_grad=True)
+    per_call = []
+    for _ in range(2):
+        with trace_dist() as trace, ringattn.count_comm() as counter:
+            out = ringattn.ring_attention(q, q, q, causal=True, layout="zigzag")
+            out.sum().backward()
+        per_call.append((dict(trace.calls), trace.collectives, dict(counter.calls)))
+    return per_call
+
+
+def late_mismatch_case(spec: dict):
+    """A signature agreed by every rank, then rank 1 alone calls with new inputs."""
+    clear_checked()
+    q = torch.randn(1, 8, 2, 8)
+    ringattn.ring_attention(q, q, q, causal=True)  # agreed and cached on every rank
+    k = q
+    if dist.get_rank() == 1 and spec["change"] == "length":
+        q = k = torch.randn(1, 10, 2, 8)  # a valid shape, never agreed
+    if dist.get_rank() == 1 and spec["change"] == "heads":
+        k = torch.randn(1, 8, 3, 8)  # fails the local checks: 2 heads are not a multiple of 3
+    return ringattn.ring_attention(q, k, k, causal=True)

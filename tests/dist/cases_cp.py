@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 import ringattn
 from ringattn.strategies import hybrid_rank
+from ringattn.validate import clear_checked
 from tests.dist.cases import _kernel, make_inputs
 
 _MESHES: dict = {}
@@ -33,6 +34,7 @@ def _cp_rank(spec):
 
 
 def cp_case(spec: dict) -> dict:
+    clear_checked()  # every rank: this case's first call runs its input check (counted)
     """Forward and backward of one spec; outputs, gradients and per-phase comm counts."""
     rank, world, kw = _cp_rank(spec)
     q, k, v, dout = make_inputs(spec)
@@ -81,6 +83,7 @@ def cp_batch(specs: list[dict]) -> list[dict]:
 
 def raise_cp_case(spec: dict):
     """Calls context_parallel_attention with the spec's (bad) arguments on some ranks."""
+    clear_checked()
     rank, world = dist.get_rank(), dist.get_world_size()
     n, h, hk = spec.get("s_local", 4), spec.get("h", 4), spec.get("hk", 2)
     q, k = torch.randn(1, n, h, 8), torch.randn(1, n, hk, 8)
@@ -143,3 +146,43 @@ def async_collective_case(spec: dict) -> dict:
         (gathered,) = all_gather_async(x[:3], what="ag").wait()
         (scattered,) = reduce_scatter_async(x, what="rs").wait()
     return {"x": x, "gathered": gathered, "scattered": scattered, "calls": dict(c.calls)}
+
+
+def rows_case(spec: dict) -> dict:
+    """A batch whose rows have documents of their own, in one call (a list of cu_seqlens)
+    and row by row; float64, so the two must agree to rounding."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    clear_checked()
+    layout, cus = spec["layout"], spec["cus"]
+    b, s = len(cus), spec["s"]
+    g = torch.Generator().manual_seed(5)
+    q, k, v, dout = (torch.randn(b, s, 4, 8, generator=g, dtype=torch.float64) for _ in range(4))
+
+    def sh(x):  # each row by its own documents (only "packed" depends on them)
+        rows = [
+            ringattn.shard(x[i : i + 1], layout, rank=rank, world_size=world, cu_seqlens=c)
+            for i, c in enumerate(cus)
+        ]
+        return torch.cat(rows).clone()
+
+    kw = dict(strategy=spec["strategy"], causal=True, layout=layout, return_lse=True)
+    kw["window"] = spec.get("window")
+    res = {}
+    for mode in ("batch", "rows"):
+        ql, kl, vl = (sh(t).requires_grad_() for t in (q, k, v))
+        cu = [torch.tensor(c, dtype=torch.int32) for c in cus]
+        with ringattn.count_comm() as counter:
+            if mode == "batch":
+                out, lse = ringattn.context_parallel_attention(ql, kl, vl, cu_seqlens=cu, **kw)
+            else:
+                pairs = [
+                    ringattn.context_parallel_attention(
+                        ql[i : i + 1], kl[i : i + 1], vl[i : i + 1], cu_seqlens=cu[i], **kw
+                    )
+                    for i in range(b)
+                ]
+                out, lse = (torch.cat(t) for t in zip(*pairs))
+            out.backward(sh(dout))
+        res[mode] = dict(out=out.detach(), lse=lse, dq=ql.grad, dk=kl.grad, dv=vl.grad)
+        res[mode]["calls"] = dict(counter.calls)
+    return res

@@ -103,10 +103,11 @@ def test_collective_counts(pools, world):
     spec = spec_for(world, "zigzag", True)
     results, _ = run_and_check(pools, world, spec)
     for r in results:
-        # forward: W-1 K/V exchanges (2 tensors each); one metadata all-gather
-        assert r["fwd_calls"] == {"ring:k/v": world - 1}
+        # forward: W-1 K/V exchanges (2 tensors each); one metadata all-gather (a new
+        # signature's input check)
+        assert r["fwd_calls"] == {"check": 1, "ring:k/v": world - 1}
         # backward: W-1 more K/V exchanges and W dK/dV hops (the last one goes home)
-        assert r["calls"] == {"ring:k/v": 2 * (world - 1), "ring:dk/dv": world}
+        assert r["calls"] == {"check": 1, "ring:k/v": 2 * (world - 1), "ring:dk/dv": world}
 
 
 def test_mismatched_lengths_raise_everywhere(pools):
@@ -116,6 +117,8 @@ def test_mismatched_lengths_raise_everywhere(pools):
     assert set(errs) == {0, 1, 2}  # every rank raised: nobody hangs
     assert all(t == "ValueError" for t, _, _ in errs.values())
     assert all("disagree" in m and "rank 1" in m for _, m, _ in errs.values())
+    # each number is labelled with its field, and only the differing fields are listed
+    assert all("on local seq (rank 0: 4, rank 1: 5);" in m for _, m, _ in errs.values())
 
 
 def test_one_rank_bad_heads_raises_everywhere(pools):
@@ -162,3 +165,39 @@ def test_unshard_round_trip_and_gradient(pools, world, layout):
         assert torch.equal(out["full"], x)
         want = ringattn.shard(w * coef, layout, rank=r, world_size=world)
         assert torch.allclose(out["grad"], want, rtol=1e-6, atol=1e-6)
+
+
+def test_second_call_with_the_same_signature_issues_no_collective(pools):
+    from tests.dist.cases import repeat_case
+
+    for first, second in pools(2).run(repeat_case, {}):
+        calls, collectives, counted = first
+        # the first call checks its inputs once: one all-gather, counted as "check"
+        assert collectives == {"all_gather_single": 1}
+        assert counted["check"] == 1
+        calls, collectives, counted = second
+        assert collectives == {}  # nothing but the ring's P2P
+        assert "check" not in counted
+        assert set(calls) <= {"isend", "irecv", "batch_isend_irecv"}
+
+
+@pytest.mark.parametrize("change", ["length", "heads"])
+def test_late_mismatch_on_one_rank_raises_everywhere_instead_of_hanging(change):
+    """Rank 1 alone changes its inputs after a signature was agreed: it checks, rank 0
+    skips. Both must raise (at the group timeout), never compute on mismatched shapes or
+    hang; a rank whose own inputs are bad raises its own error."""
+    from tests.dist.cases import late_mismatch_case
+
+    pool = Pool(2, pg_timeout=5.0)
+    try:
+        with pytest.raises(RankError) as ei:
+            pool.run(late_mismatch_case, {"change": change}, timeout=60)
+        errs = ei.value.errors
+        assert set(errs) == {0, 1}
+        if change == "length":
+            assert errs[1][0] == "CommError" and "metadata exchange failed" in errs[1][1]
+        else:
+            assert errs[1][0] == "ValueError" and "multiple of k/v heads" in errs[1][1]
+        assert errs[0][0] == "CommError" and "forward step 0" in errs[0][1]
+    finally:
+        pool.close()

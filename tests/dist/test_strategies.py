@@ -108,6 +108,10 @@ def expected_comm(spec, world: int):
 
     strategy = spec["strategy"]
     ulysses = {"ulysses": world, "hybrid": 2}.get(strategy, 1)
+    if world > 1:  # the input check of a new signature: one all-gather of 14 int64 per group
+        groups = [world // 2, 2] if strategy == "hybrid" else [world]
+        for w in groups:
+            add(fc, fb, "check", 1, 14 * 8 * (w - 1))
     if strategy == "allgather" and world > 1:
         kv = 2 * b * n * hk * d  # this rank's K and V elements
         add(fc, fb, "all_gather:k/v", 1, (world - 1) * kv * elem)
@@ -221,9 +225,9 @@ def test_windowed_ring_runs_fewer_steps(pools):
     ]
     per_rank = run_grid(pools, world, specs)
     ring, ag = per_rank[0]
-    assert ring["fwd_calls"] == {"ring:k/v": 1}
-    assert ring["calls"] == {"ring:k/v": 2, "ring:dk/dv": 2}
-    assert ag["calls"] == {"all_gather:k/v": 1, "reduce_scatter:dk/dv": 1}
+    assert ring["fwd_calls"] == {"check": 1, "ring:k/v": 1}
+    assert ring["calls"] == {"check": 1, "ring:k/v": 2, "ring:dk/dv": 2}
+    assert ag["calls"] == {"check": 1, "all_gather:k/v": 1, "reduce_scatter:dk/dv": 1}
 
 
 def test_documents_on_rank_boundaries_skip_every_remote_block(pools):
@@ -245,7 +249,7 @@ def test_documents_on_rank_boundaries_skip_every_remote_block(pools):
     ]
     per_rank = run_grid(pools, world, specs)
     for r in per_rank:
-        assert all(res["calls"] == {} for res in r)
+        assert all(res["calls"] == {"check": 1} for res in r)  # only the input check
 
 
 # ----------------------------------------------------------------------------- errors
@@ -353,3 +357,21 @@ def test_bf16_fused_kernel(pools, strategy):
         results = sorted((r[i] for r in per_rank), key=lambda r: r["cp_rank"])
         check_fused_bf16(spec, results)
         assert results[0]["out_dtype"] == torch.bfloat16
+
+
+@pytest.mark.parametrize("strategy", ["ring", "allgather"])
+@pytest.mark.parametrize("layout", ["zigzag", "striped", "packed"])
+def test_rows_with_their_own_documents_in_one_call(pools, strategy, layout):
+    """Packed rows in one call: the same result as row by row, and for the ring one pass
+    for the whole batch (W-1 K/V hops forward, not W-1 per row)."""
+    from tests.dist.cases_cp import rows_case
+
+    world, s = 2, 16
+    spec = dict(strategy=strategy, layout=layout, s=s, cus=[[0, 5, 16], [0, 16], [0, 3, 9, 12, 16]])
+    for r in pools(world).run(rows_case, spec):
+        batch, rows = r["batch"], r["rows"]
+        for name in ("out", "lse", "dq", "dk", "dv"):
+            torch.testing.assert_close(batch[name], rows[name], rtol=1e-12, atol=1e-12)
+        if strategy == "ring":
+            assert batch["calls"] == {"check": 1, "ring:k/v": 2, "ring:dk/dv": 2}
+            assert rows["calls"]["ring:k/v"] == 3 * 2  # before: one ring pass per row

@@ -9,10 +9,11 @@ import math
 import pytest
 import torch
 
-from ringattn.bench import calibrate, layouts, memory, peers, scaling
+from ringattn.bench import calibrate, harness, layouts, memory, peers, rates, scaling
 from ringattn.bench.cli import COMMANDS, bench_main
-from ringattn.bench.common import markdown_table, problem, read_rows, write_rows
-from ringattn.layouts import shard
+from ringattn.bench.harness import problem
+from ringattn.bench.output import markdown_table, read_rows, write_rows
+from ringattn.layouts import LAYOUTS, shard
 from ringattn.plan.hardware import Hardware
 from ringattn.plan.simulate import simulate
 
@@ -123,7 +124,7 @@ def test_layout_balance(tmp_path):
     assert layouts.balance([1.0, 1.0]) == dict(max_over_min=1.0, max_over_mean=1.0)
     assert layouts.balance([1.0, 3.0]) == dict(max_over_min=3.0, max_over_mean=1.5)
     assert math.isinf(layouts.balance([0.0, 1.0])["max_over_min"])
-    rows = layouts.layout_rows([_ring_result(2, 512, 1.0, lay) for lay in layouts.LAYOUTS])
+    rows = layouts.layout_rows([_ring_result(2, 512, 1.0, lay) for lay in LAYOUTS])
     assert rows[0]["flops_max_over_min"] == 2.0  # the fake contiguous row
     assert rows[1]["flops_max_over_min"] == 1.0
     assert "| zigzag | 1.0 1.0 |" in markdown_table(rows, layouts.COLUMNS)
@@ -138,7 +139,7 @@ def test_fit_link_recovers_latency_and_bandwidth():
     lat, bw = 2e-4, 1.5e9
     sizes = [64, 1 << 20, 4 << 20, 16 << 20]
     times = [lat + n / bw for n in sizes]
-    got_lat, got_bw = calibrate.fit_link(sizes, times)
+    got_lat, got_bw = rates.fit_link(sizes, times)
     assert got_lat == pytest.approx(lat, rel=1e-3)
     assert got_bw == pytest.approx(bw, rel=1e-3)
 
@@ -202,24 +203,24 @@ def test_calibration_rows_and_plot(tmp_path):
 
 
 def test_core_share():
-    assert calibrate.core_share(2, 2) == 1.0
-    assert calibrate.core_share(8, 2) == 0.25
-    assert calibrate.core_share(2, 2, probe=0.99) == 1.0  # cannot see a lone other process
+    assert rates.core_share(2, 2) == 1.0
+    assert rates.core_share(8, 2) == 0.25
+    assert rates.core_share(2, 2, probe=0.99) == 1.0  # cannot see a lone other process
     # half a core for one process on 2 cores: 3 others; 2 ranks share 2 cores with them
-    assert calibrate.core_share(2, 2, probe=0.5) == pytest.approx(2 / 5)
-    assert 0 < calibrate.probe_share(0.05) <= 1.0
+    assert rates.core_share(2, 2, probe=0.5) == pytest.approx(2 / 5)
+    assert 0 < rates.probe_share(0.05) <= 1.0
 
 
 def test_replay_rank_follows_the_schedule():
     """Contiguous causal: rank 0 computes only its diagonal, the last rank W blocks."""
     row = problem(world=4, seq=1024, layout="contiguous", heads=2, head_dim=16)
-    first, last = calibrate.replay_rank(row, 0), calibrate.replay_rank(row, 3)
+    first, last = rates.replay_rank(row, 0), rates.replay_rank(row, 3)
     assert last["fwdbwd_cpu_s"] > first["fwdbwd_cpu_s"]
     assert first["fwdbwd_cpu_s"] == pytest.approx(first["fwd_cpu_s"] + first["bwd_cpu_s"])
 
 
 def test_kernel_rates_small_block():
-    r = calibrate.kernel_rates(problem(world=1, seq=64, heads=2, head_dim=16), block=64)
+    r = rates.kernel_rates(problem(world=1, seq=64, heads=2, head_dim=16), block=64)
     assert r["fwd_flops"] > 0 and r["bwd_flops"] > 0
     assert r["fwd_flops"] == pytest.approx(4.0 * 2 * 64 * 64 * 16 / r["fwd_s"])
 
@@ -264,7 +265,7 @@ def test_planner_rows_linear_for_a_small_model():
 
 def test_memory_measure_call_and_plot(tmp_path):
     row = problem(world=1, seq=256, heads=2, head_dim=16, impl="ring")
-    got = memory.measure_rows([row, dict(row, impl="sdpa")], rank=0, world=1)
+    got = memory.measure_rows(0, 1, [row, dict(row, impl="sdpa")])
     for g in got:
         assert g["peak_live_mb"] > 0
         assert g["inputs_mb"] == pytest.approx(4 * 256 * 2 * 16 * 4 / 2**20)
@@ -285,17 +286,19 @@ def test_memory_measure_call_and_plot(tmp_path):
 
 def test_peer_errors_and_ratios(tmp_path):
     row = problem(world=2, seq=64, heads=2, head_dim=8, peer_bucket=16)
-    ref = peers._reference(row)
+    ref = harness.sdpa_grads(row)
     ref.update(wall_s=1.0, cpu_s=2.0)
     plan = [("ringattn", "zigzag"), ("ring-attention-pytorch", "zigzag")]
-    res = {}
+    res = []
     for r in range(2):
-        exact = {n: shard(ref[n], "zigzag", rank=r, world_size=2) for n in peers.GRADS}
+        exact = {n: shard(ref[n], "zigzag", rank=r, world_size=2) for n in harness.GRADS}
         wrong = dict(exact, dk=exact["dk"] + 1.0)
-        res[r] = {
-            plan[0]: dict(exact, wall_s=1.0, cpu_s=1.0),
-            plan[1]: dict(wrong, wall_s=3.0, cpu_s=4.0),
-        }
+        res += [
+            {
+                plan[0]: dict(exact, wall_s=1.0, cpu_s=1.0),
+                plan[1]: dict(wrong, wall_s=3.0, cpu_s=4.0),
+            }
+        ]
     rows = peer_rows = peers.peer_rows(row, res, ref, plan)
     assert rows[0]["status"] == "exact" and rows[0]["err_out"] == 0.0
     assert rows[1]["status"] == "WRONG dk"
@@ -339,7 +342,7 @@ def test_layouts_smoke_run(tmp_path, capsys):
         == 0
     )
     rows = {r["layout"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert set(rows) == set(layouts.LAYOUTS)
+    assert set(rows) == set(LAYOUTS)
     assert rows["zigzag"]["flops_max_over_min"] == 1.0
     assert rows["contiguous"]["flops_max_over_min"] > 2.5  # ~2W-1 = 3 for large blocks
     assert all(len(r["fwdbwd_cpu_per_rank"]) == 2 for r in rows.values())
@@ -362,3 +365,29 @@ def test_bench_train_smoke(tmp_path):
     assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1
     assert row["tflops_per_rank"] == pytest.approx(row["mfu"] * row["peak_tflops"], rel=1e-6)
     assert "| 2 | 256 |" in bench_train.table([row])
+
+
+# --- outputs unchanged: every command at a tiny size, against the recorded schema ----------
+
+
+@pytest.fixture(scope="module")
+def golden() -> dict:
+    from tests.unit.bench_outputs import GOLDEN
+
+    return json.loads(GOLDEN.read_text())
+
+
+@pytest.mark.parametrize(
+    "name", ["attention", "scaling", "weak", "memory", "layouts", "peers", "calibrate", "train"]
+)
+def test_bench_outputs_unchanged(name, golden, tmp_path):
+    """JSON field names and table headers of ``ringattn bench NAME`` as recorded."""
+    from tests.unit.bench_outputs import schema
+
+    assert schema(name, tmp_path) == golden[name]
+
+
+def test_check_outputs_unchanged(golden, tmp_path):
+    from tests.unit.bench_outputs import check_schema
+
+    assert check_schema(tmp_path) == golden["check"]

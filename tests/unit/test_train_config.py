@@ -90,7 +90,9 @@ def test_parse_overrides_keeps_strings_that_are_not_toml():
 
 
 def test_round_trip_through_dict():
-    cfg = load_config(None, ["--parallel.dp=2", "--data.curriculum=[[64, 2, 3]]"])
+    cfg = load_config(
+        None, ["--parallel.dp=2", "--data.curriculum=[[64, 2, 3]]", "--eval.batch_size=2"]
+    )
     assert Config.from_dict(cfg.to_dict()) == cfg
 
 
@@ -147,11 +149,11 @@ def test_parallel_dims_checks_and_coordinates():
 def test_train_main_reports_config_errors_and_prints_config(capsys):
     import json
 
-    from ringattn.train.cli import train_main
+    from ringattn.cli import main
 
-    assert train_main(["--parallel.cpp=2"]) == 2
+    assert main(["train", "--parallel.cpp=2"]) == 2
     assert "unknown key 'cpp'" in capsys.readouterr().err
-    assert train_main(["--config", str(CONFIGS / "demo.toml"), "--print-config"]) == 0
+    assert main(["train", "--config", str(CONFIGS / "demo.toml"), "--print-config"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["parallel"]["cp"] == 4 and printed["eval"]["seq_len"] >= 8192
 

@@ -11,145 +11,106 @@ more CPU than one process doing the whole problem.
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import resource
 import sys
 
 import torch
 
 from ..comm import count_comm
-from ..launch import init_distributed, launch
-from ..layouts import shard
+from ..cp import STRATEGIES, context_parallel_attention
+from ..ring import ring_attention
 from ..schedule import attention_flops
-from .common import DTYPES, ReferenceCache, clock, make_inputs, markdown_table, sdpa_reference
-
-# Kept under their old names: other code may still import them from here.
-_inputs, _clock, _sdpa_reference = make_inputs, clock, sdpa_reference
-__all__ = ["DTYPES", "measure", "summarize", "table", "time_rows"]
+from . import harness as h
+from . import output
 
 
-def _attention_fn(strategy: str):
-    if strategy == "ring":
-        from ..ring import ring_attention
+def _attend(row: dict, world: int):
+    """The strategy's call for this row, with its keyword arguments."""
+    kw = dict(causal=row["causal"], layout=row["layout"], kernel=row["kernel"])
+    if row["strategy"] == "hybrid":
+        from torch.distributed.device_mesh import init_device_mesh
 
-        return ring_attention
-    from .. import cp  # the context-parallel family (allgather, ulysses, hybrid)
-
-    def run(q, k, v, **kw):
-        return cp.context_parallel_attention(q, k, v, strategy=strategy, **kw)
-
-    return run
-
-
-def time_rows(rows: list[dict], repeats: int, rank: int, world: int, barrier) -> list[dict]:
-    """Time each row on this rank (``barrier()`` lines the ranks up before each clock).
-
-    Used by every rank of a launched group and, for ``world == 1``, in the parent itself
-    (a one-rank ring, no process group). Returns this rank's best repeat per row.
-    """
-    out = []
-    for row in rows:
-        q, k, v, do = (
-            shard(t, row["layout"], rank=rank, world_size=world).contiguous()
-            for t in make_inputs(row)
-        )
-        attn = _attention_fn(row["strategy"])
-        kw = dict(causal=row["causal"], layout=row["layout"], kernel=row["kernel"])
-        if row["strategy"] == "hybrid":
-            from torch.distributed.device_mesh import init_device_mesh
-
-            u = row.get("ulysses", 2)
-            kw["mesh"] = init_device_mesh(
-                "cpu", (world // u, u), mesh_dim_names=("ring", "ulysses")
-            )
-        best = None
-        for _ in range(repeats + 1):  # the first run warms up (gloo connects pairs lazily)
-            ql, kl, vl = (t.clone().requires_grad_() for t in (q, k, v))
-            m: dict = {}
-            barrier()
-            with torch.no_grad(), count_comm() as c_fwd, clock(m, "fwd"):
-                attn(ql.detach(), kl.detach(), vl.detach(), **kw)
-            barrier()
-            with count_comm() as c_all, clock(m, "fwdbwd"):
-                attn(ql, kl, vl, **kw).backward(do)
-            m.update(
-                wait_fwd_s=c_fwd.wait_s,
-                wait_fwdbwd_s=c_all.wait_s,
-                bytes_fwd=c_fwd.total_bytes,
-                bytes_fwdbwd=c_all.total_bytes,
-            )
-            if best is None or m["fwdbwd_s"] < best["fwdbwd_s"]:
-                best = m
-        best["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        out.append(best)
-    return out
+        u = row.get("ulysses", 2)
+        kw["mesh"] = init_device_mesh("cpu", (world // u, u), mesh_dim_names=("ring", "ulysses"))
+    if row["strategy"] == "ring":
+        return lambda q, k, v: ring_attention(q, k, v, **kw)
+    return lambda q, k, v: context_parallel_attention(q, k, v, strategy=row["strategy"], **kw)
 
 
-def _rank_main(rows: list[dict], repeats: int, threads: int) -> list[dict]:
-    """Runs on every rank: join the group, time each row, return per-rank measurements."""
-    import torch.distributed as dist
+def _time_row(row: dict, rank: int, world: int, repeats: int) -> dict:
+    """This rank's best repeat (least fwd+bwd wall time) of one row, after one warm-up (gloo
+    connects pairs lazily); a barrier lines the ranks up before each clock."""
+    q, k, v, do = h.local_inputs(row, rank, world)
+    attn = _attend(row, world)
 
-    rank, world, _ = init_distributed(threads=threads, device="cpu")
-    return time_rows(rows, repeats, rank, world, dist.barrier)
+    def run() -> dict:
+        ql, kl, vl = (t.clone().requires_grad_() for t in (q, k, v))
+        m: dict = {}
+        h.barrier()
+        with torch.no_grad(), count_comm() as c_fwd, h.clock(m, "fwd"):
+            attn(q, k, v)
+        h.barrier()
+        with count_comm() as c_all, h.clock(m, "fwdbwd"):
+            attn(ql, kl, vl).backward(do)
+        return dict(m, wait_fwd_s=c_fwd.wait_s, wait_fwdbwd_s=c_all.wait_s,
+                    bytes_fwd=c_fwd.total_bytes, bytes_fwdbwd=c_all.total_bytes)  # fmt: skip
+
+    best = h.timed(run, repeats, key="fwdbwd_s")[0]
+    return dict(best, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-def measure(
-    rows: list[dict], repeats: int = 1, threads: int = 1, reference: bool = True, on_row=None
-) -> list[dict]:
+def time_rows(rank: int, world: int, rows: list[dict], repeats: int) -> list[dict]:
+    """Every rank of a launch (or the parent for W = 1): each row timed on this rank."""
+    return [_time_row(row, rank, world, repeats) for row in rows]
+
+
+def measure(rows: list[dict], repeats=1, threads=1, reference=True, on_row=None) -> list[dict]:
     """Run ``rows`` (any mix of world sizes): one launch of W local gloo ranks per W (W = 1
     runs here, without a process group), plus the single-process SDPA reference of each
     global problem, timed once per problem in this process. Returns summarized rows in
     launch order; ``on_row(row)`` sees each as soon as it is ready."""
     torch.set_num_threads(threads)
-    ref = ReferenceCache(repeats) if reference else None
+    ref = h.ReferenceCache(repeats) if reference else None
     results = []
     for w in sorted({r["world"] for r in rows}):
         mine = [r for r in rows if r["world"] == w]
-        if w == 1:
-            per_rank = {0: time_rows(mine, repeats, 0, 1, lambda: None)}
-        else:
-            per_rank = launch(_rank_main, w, mine, repeats, threads)
+        ranks = h.run_ranks(time_rows, w, mine, repeats, threads=threads)
         for i, row in enumerate(mine):
-            res = summarize(row, [per_rank[r][i] for r in range(w)], ref(row) if ref else None)
-            results.append(res)
+            results.append(summarize(row, [r[i] for r in ranks], ref(row) if ref else None))
             if on_row is not None:
-                on_row(res)
+                on_row(results[-1])
     return results
 
 
 def summarize(row: dict, ranks: list[dict], ref: dict | None) -> dict:
-    world = row["world"]
     shape = dict(batch=row["batch"], heads=row["heads"], head_dim=row["head_dim"])
-    args = (row["layout"], world, row["seq"], row["causal"])
+    args = (row["layout"], row["world"], row["seq"], row["causal"])
     flops = attention_flops(*args, **shape)
-    bflops = attention_flops(*args, **shape, backward=True)
-    res = dict(row)
-    res.update(
-        fwd_s=max(r["fwd_s"] for r in ranks),
-        fwdbwd_s=max(r["fwdbwd_s"] for r in ranks),
-        fwd_cpu_s=sum(r["fwd_cpu_s"] for r in ranks),
-        fwdbwd_cpu_s=sum(r["fwdbwd_cpu_s"] for r in ranks),
-        wait_fwd_s=max(r["wait_fwd_s"] for r in ranks),
-        wait_fwdbwd_s=max(r["wait_fwdbwd_s"] for r in ranks),
-        bytes_sent_fwd=max(r["bytes_fwd"] for r in ranks),
-        bytes_sent_fwdbwd=max(r["bytes_fwdbwd"] for r in ranks),
-        peak_rss_mb=max(r["peak_rss_mb"] for r in ranks),
+    fb_flops = [f + b for f, b in zip(flops, attention_flops(*args, **shape, backward=True))]
+    per = {k: [r[k] for r in ranks] for k in ranks[0]}  # measurement -> per rank, rank order
+    res = dict(
+        row,
+        fwd_s=max(per["fwd_s"]),
+        fwdbwd_s=max(per["fwdbwd_s"]),
+        fwd_cpu_s=sum(per["fwd_cpu_s"]),
+        fwdbwd_cpu_s=sum(per["fwdbwd_cpu_s"]),
+        wait_fwd_s=max(per["wait_fwd_s"]),
+        wait_fwdbwd_s=max(per["wait_fwdbwd_s"]),
+        bytes_sent_fwd=max(per["bytes_fwd"]),
+        bytes_sent_fwdbwd=max(per["bytes_fwdbwd"]),
+        peak_rss_mb=max(per["peak_rss_mb"]),
         flops_fwd_max_over_min=max(flops) / max(min(flops), 1),
         # achieved per rank = that rank's scheduled FLOPs / its own time (CPU time: with more
         # ranks than cores, wall time includes waiting for a core)
-        tflops_fwd_per_rank=min(f / r["fwd_cpu_s"] for f, r in zip(flops, ranks)) / 1e12,
-        tflops_fwdbwd_per_rank=min(
-            (f + bf) / r["fwdbwd_cpu_s"] for f, bf, r in zip(flops, bflops, ranks)
-        )
-        / 1e12,
+        tflops_fwd_per_rank=min(f / t for f, t in zip(flops, per["fwd_cpu_s"])) / 1e12,
+        tflops_fwdbwd_per_rank=min(f / t for f, t in zip(fb_flops, per["fwdbwd_cpu_s"])) / 1e12,
         # per rank, in rank order: what scaling and layout tables are made of
-        fwd_cpu_per_rank=[r["fwd_cpu_s"] for r in ranks],
-        fwdbwd_cpu_per_rank=[r["fwdbwd_cpu_s"] for r in ranks],
-        fwdbwd_wall_per_rank=[r["fwdbwd_s"] for r in ranks],
-        fwdbwd_cpu_max_s=max(r["fwdbwd_cpu_s"] for r in ranks),
-        flops_fwdbwd_per_rank=[f + bf for f, bf in zip(flops, bflops)],
+        fwd_cpu_per_rank=per["fwd_cpu_s"],
+        fwdbwd_cpu_per_rank=per["fwdbwd_cpu_s"],
+        fwdbwd_wall_per_rank=per["fwdbwd_s"],
+        fwdbwd_cpu_max_s=max(per["fwdbwd_cpu_s"]),
+        flops_fwdbwd_per_rank=fb_flops,
     )
     if ref is not None:
         res.update({f"sdpa_{k}": v for k, v in ref.items()})
@@ -159,98 +120,56 @@ def summarize(row: dict, ranks: list[dict], ref: dict | None) -> dict:
     return res
 
 
-COLUMNS = [
-    ("world", "W", "{}"),
-    ("strategy", "strategy", "{}"),
-    ("layout", "layout", "{}"),
-    ("causal", "causal", "{}"),
-    ("dtype", "dtype", "{}"),
-    ("seq", "seq", "{}"),
-    ("fwd_s", "fwd s", "{:.3f}"),
-    ("fwdbwd_s", "f+b s", "{:.3f}"),
-    ("tflops_fwdbwd_per_rank", "TF/s/rank", "{:.3f}"),
-    ("wait_fwdbwd_s", "wait s", "{:.3f}"),
-    ("bytes_sent_fwdbwd", "MB sent", "{}"),
-    ("peak_rss_mb", "RSS MB", "{:.0f}"),
-    ("sdpa_fwdbwd_cpu_s", "sdpa cpu s", "{:.3f}"),
-    ("cpu_ratio_fwdbwd", "cpu ratio", "{:.2f}"),
-]
-
-
 def _mb(r: dict) -> str:
     v = r.get("bytes_sent_fwdbwd")
     return "-" if v is None else f"{v / 2**20:.1f}"
 
 
+COLUMNS = output.columns(
+    "world=W; strategy=strategy; layout=layout; causal=causal; dtype=dtype; seq=seq; "
+    "fwd_s=fwd s:.3f; fwdbwd_s=f+b s:.3f; tflops_fwdbwd_per_rank=TF/s/rank:.3f; "
+    "wait_fwdbwd_s=wait s:.3f; bytes_sent_fwdbwd=MB sent; peak_rss_mb=RSS MB:.0f; "
+    "sdpa_fwdbwd_cpu_s=sdpa cpu s:.3f; cpu_ratio_fwdbwd=cpu ratio:.2f",
+    bytes_sent_fwdbwd=_mb,
+)
+
+
 def table(rows: list[dict]) -> str:
-    cols = [(k, h, _mb if k == "bytes_sent_fwdbwd" else f) for k, h, f in COLUMNS]
-    return markdown_table(rows, cols)
+    return output.markdown_table(rows, COLUMNS)
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="ringattn bench attention", description=__doc__)
-    p.add_argument("--world", type=int, nargs="+", default=[2, 4])
-    p.add_argument(
-        "--strategy", nargs="+", default=["ring"], help="ring allgather ulysses hybrid, or 'all'"
-    )
-    p.add_argument("--layout", nargs="+", default=["zigzag"])
+def parse(argv: list[str]):
+    p = h.parser("bench attention", __doc__)
+    h.problem_args(p, world=[2, 4], seq=[4096], many=("world", "seq", "layout", "dtype"),
+                   dtypes=list(h.DTYPES), extra=("kv_heads", "kernel", "batch"))  # fmt: skip
+    p.set_defaults(layout=["zigzag"])
+    p.add_argument("--strategy", nargs="+", default=["ring"], choices=[*STRATEGIES, "all"])
     p.add_argument("--causal", choices=["yes", "no", "both"], default="yes")
-    p.add_argument("--dtype", nargs="+", default=["fp32"], choices=list(DTYPES))
-    p.add_argument("--seq", type=int, nargs="+", default=[4096])
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=None)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--kernel", default="auto")
-    p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1, help="threads per rank and for SDPA")
+    p.add_argument("--repeats", type=h.positive, default=1, help="timed runs after a warm-up")
+    p.add_argument("--threads", type=h.positive, default=1, help="threads per rank and SDPA")
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--out", default=None, help="append JSON lines here (default: stdout)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not rows_for(args):  # only hybrid, and no W it can run at
+        p.error("--strategy hybrid needs a 2-D mesh: --world 4, 6, 8, ... (even, >= 4)")
+    h.check_problems(p, rows_for(args))
+    return args
 
 
 def rows_for(args) -> list[dict]:
-    strategies = (
-        ["ring", "allgather", "ulysses", "hybrid"] if "all" in args.strategy else (args.strategy)
-    )
+    strategies = STRATEGIES if "all" in args.strategy else args.strategy
     causals = {"yes": [True], "no": [False], "both": [False, True]}[args.causal]
-    rows = []
-    for w, st, lay, c, dt, s in itertools.product(
-        args.world, strategies, args.layout, causals, args.dtype, args.seq
-    ):
-        if st == "hybrid" and (w < 4 or w % 2):
-            continue  # needs a 2-D mesh
-        rows.append(
-            dict(
-                world=w,
-                strategy=st,
-                layout=lay,
-                causal=c,
-                dtype=dt,
-                seq=s,
-                batch=args.batch,
-                heads=args.heads,
-                kv_heads=args.kv_heads or args.heads,
-                head_dim=args.head_dim,
-                kernel=args.kernel,
-            )
-        )
-    return rows
+    grid = itertools.product(args.world, strategies, args.layout, causals, args.dtype, args.seq)
+    return [
+        h.problem_of(args, world=w, strategy=st, layout=lay, causal=c, dtype=dt, seq=s)
+        for w, st, lay, c, dt, s in grid
+        if st != "hybrid" or (w >= 4 and w % 2 == 0)  # hybrid needs a 2-D mesh
+    ]
 
 
 def main(argv: list[str]) -> int:
     args = parse(argv)
-    sink = open(args.out, "a") if args.out else sys.stdout  # noqa: SIM115
-    try:
-        results = measure(
-            rows_for(args),
-            args.repeats,
-            args.threads,
-            reference=not args.no_reference,
-            on_row=lambda res: print(json.dumps(res), file=sink, flush=True),
-        )
-    finally:
-        if args.out:
-            sink.close()
-    print(table(results), file=sys.stderr if not args.out else sys.stdout)
+    sink = output.row_sink(args.out)
+    results = measure(rows_for(args), args.repeats, args.threads, not args.no_reference, sink)
+    print(table(results), file=sys.stdout if args.out else sys.stderr)
     return 0

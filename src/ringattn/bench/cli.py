@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from .harness import parser
+
 # name -> (module, entry point, one line of help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "attention": ("attention", "main", "ring vs single-process SDPA at given W, seq, layout"),
@@ -41,9 +43,9 @@ def _entry(name: str):
 
 def run_all(argv: list[str]) -> int:
     """``bench all [--dir DIR]``: JSON, PNG and markdown of each command under DIR."""
-    out_dir = "runs/bench"
-    if argv[:1] == ["--dir"] and len(argv) > 1:
-        out_dir = argv[1]
+    p = parser("bench all", f"Run {', '.join(ALL_ORDER)} in turn at their defaults.")
+    p.add_argument("--dir", default="runs/bench", help="where the JSON, PNG and markdown go")
+    out_dir = p.parse_args(argv).dir  # --help exits here; unknown arguments are an error
     status = 0
     for name in ALL_ORDER:
         print(f"\n## ringattn bench {name}\n", flush=True)
@@ -61,6 +63,8 @@ def bench_main(argv: list[str]) -> int:
     if name == "all":
         return run_all(rest)
     if name not in COMMANDS:
-        print(f"unknown benchmark {name!r}\n\n{USAGE}", file=sys.stderr)
+        choices = ", ".join([*COMMANDS, "all"])
+        print(f"ringattn bench: error: unknown benchmark {name!r}; choose one of {choices}",
+              file=sys.stderr)  # fmt: skip
         return 2
     return _entry(name)(rest)

@@ -1,59 +1,39 @@
 """``ringattn bench memory``: per-rank peak memory of attention fwd+bwd vs sequence and W, and
 the longest context a fixed per-rank budget allows, measured and from the planner.
 
-How memory is measured (CPU has no allocator statistics):
-
-* **live tensor bytes** (the primary number): a ``TorchDispatchMode`` sees every tensor an
-  op returns inside the measured call, counts its storage once, and subtracts it when the
-  storage is freed (a weakref callback on the storage). The peak of that sum is the largest
-  set of tensors alive at once: outputs, gradients, fp32 accumulators, received K/V and
-  dK/dV buffers, masks. Not seen: scratch memory a fused kernel allocates internally in C++
-  (the CPU flash kernel's per-thread tiles, ~(q tile x kv tile) floats, well under 1 MB).
-  The inputs (q, k, v, dout shards) exist before the call and are added separately.
-* **peak RSS growth** (the cross-check, includes kernel scratch and allocator slack): the
-  kernel's high-water mark is reset (``/proc/self/clear_refs``) before the call, and glibc is
-  told to serve every allocation above 64 KiB by mmap so freed tensors leave RSS at once;
-  growth = VmHWM after - VmRSS before. Page-granular and noisier; Linux only.
-
-Both are per process, i.e. per rank; a row reports the largest rank. The ring's per-rank
-memory depends on the local block ``s / W`` only, so for a fixed budget the longest context
-grows linearly in W. ``max context`` rows fit ``peak = a * seq + b`` per W on the measured
-points and solve for the budget, next to the planner's ``max_context`` for a model preset.
+CPU has no allocator statistics, so a row gives (per rank, the largest rank) the peak of the
+tensor bytes alive during the call (:class:`LiveBytes`, beyond the inputs) and, as a
+cross-check that includes kernel scratch, the peak RSS growth (Linux). The ring's memory
+depends on the local block ``s / W`` only, so ``max context`` rows fit
+``peak = a * seq + b`` per W and solve for the budget, next to the planner's ``max_context``.
+Method and results: docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import ctypes
 import weakref
 
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from ..launch import init_distributed, launch
-from ..layouts import shard
+from ..model.config import PRESETS
+from ..plan.hardware import HARDWARE
 from ..ring import ring_attention
-from .common import (
-    DTYPE_BYTES,
-    add_output_args,
-    block_bytes,
-    machine,
-    machine_line,
-    make_inputs,
-    markdown_table,
-    problem,
-    pyplot,
-    report,
-    save,
-)
+from . import harness as h
+from . import output
 
 MB = 2**20
 
 
 class LiveBytes(TorchDispatchMode):
-    """Tracks bytes of tensor storages created inside the mode: ``live`` now, ``peak`` max."""
+    """Tracks bytes of tensor storages created inside the mode: ``live`` now, ``peak`` max.
+
+    Each storage counts once, from the op that returns it until it is freed. Not seen:
+    scratch a fused kernel allocates inside C++ (the CPU flash kernel's tiles, under 1 MB).
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -93,98 +73,65 @@ class LiveBytes(TorchDispatchMode):
 
 
 def _proc_status_mb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        return next((int(ln.split()[1]) / 1024 for ln in f if ln.startswith(field + ":")), None)
     return None
 
 
 def prepare_rss() -> bool:
     """mmap every allocation above 64 KiB (glibc) so RSS follows live memory; False if the
     platform cannot (then RSS growth is reported as None)."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ok = ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
         return bool(ok) and _proc_status_mb("VmHWM") is not None
-    except (OSError, AttributeError):
-        return False
+    return False
 
 
 def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
         return True
-    except OSError:
-        return False
+    return False
 
 
 def measure_call(fn, rss: bool) -> dict:
-    """Run ``fn()`` once; peak extra live tensor bytes and peak RSS growth (MB or None)."""
-    can_rss = rss and _reset_hwm()
-    before = _proc_status_mb("VmRSS") if can_rss else None
+    """Run ``fn()`` once; peak extra live tensor bytes and peak RSS growth (MB or None):
+    the peak RSS is reset before the call, growth = VmHWM after - VmRSS before."""
+    before = _proc_status_mb("VmRSS") if rss and _reset_hwm() else None
     with LiveBytes() as live:
         fn()
-    growth = None
-    if before is not None:
-        growth = _proc_status_mb("VmHWM") - before
+    growth = None if before is None else _proc_status_mb("VmHWM") - before
     return dict(peak_live_mb=live.peak / MB, rss_growth_mb=growth)
 
 
-def _ring_call(row: dict, rank: int, world: int):
-    q, k, v, do = (
-        shard(t, row["layout"], rank=rank, world_size=world).contiguous() for t in make_inputs(row)
-    )
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
+def _call(row: dict, rank: int, world: int):
+    """fwd+bwd of this rank's ring call (or, ``impl == 'sdpa'``, single-process SDPA on the
+    whole problem) as a function of nothing, and the MB of its inputs."""
+    if row["impl"] == "sdpa":
+        q, k, v, do = (t.transpose(1, 2) for t in h.make_inputs(row))  # (b, h, s, d)
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        attn = lambda: h.sdpa(row, q, k, v)
+    else:
+        q, k, v, do = h.local_inputs(row, rank, world, grad=True)
+        attn = lambda: ring_attention(q, k, v, causal=row["causal"], layout=row["layout"])
     inputs_mb = sum(t.numel() * t.element_size() for t in (q, k, v, do)) / MB
-
-    def call() -> None:
-        ring_attention(q, k, v, causal=row["causal"], layout=row["layout"]).backward(do)
-
-    return call, inputs_mb
+    return lambda: attn().backward(do), inputs_mb
 
 
-def _sdpa_call(row: dict):
-    q, k, v, do = (t.transpose(1, 2) for t in make_inputs(row))  # (b, h, s, d)
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    inputs_mb = sum(t.numel() * t.element_size() for t in (q, k, v, do)) / MB
-    gqa = row["heads"] != row["kv_heads"]
-
-    def call() -> None:
-        F.scaled_dot_product_attention(q, k, v, is_causal=row["causal"], enable_gqa=gqa).backward(
-            do
-        )
-
-    return call, inputs_mb
-
-
-def _warm_up(layout: str) -> None:
-    """A tiny ring call: connects gloo pairs and runs one-time lazy initialisation."""
-    t = torch.randn(1, 4, 1, 8, requires_grad=True)
-    ring_attention(t, t, t, causal=True, layout=layout).sum().backward()
-
-
-def measure_rows(rows: list[dict], rank: int, world: int) -> list[dict]:
+def measure_rows(rank: int, world: int, rows: list[dict]) -> list[dict]:
     """This rank's memory per row (ring rows; ``impl == 'sdpa'`` rows in one process)."""
     rss = prepare_rss()
-    _warm_up(rows[0]["layout"])
-    # the first full-size call also grows thread-local arenas and lazy state once: run the
-    # first row untracked so RSS growth measures the call, not the process warming up
-    first = rows[0]
-    (_sdpa_call(first) if first["impl"] == "sdpa" else _ring_call(first, rank, world))[0]()
+    # a tiny ring call connects gloo pairs and runs one-time lazy initialisation; the first
+    # full-size call also grows thread-local arenas and lazy state once: run the first row
+    # untracked so RSS growth measures the call, not the process warming up
+    t = torch.randn(1, 4, 1, 8, requires_grad=True)
+    ring_attention(t, t, t, causal=True, layout=rows[0]["layout"]).sum().backward()
+    _call(rows[0], rank, world)[0]()
     out = []
     for row in rows:
-        call, inputs_mb = _sdpa_call(row) if row["impl"] == "sdpa" else _ring_call(row, rank, world)
+        call, inputs_mb = _call(row, rank, world)
         out.append(dict(measure_call(call, rss), inputs_mb=inputs_mb))
     return out
-
-
-def _rank_main(rows: list[dict]) -> list[dict]:
-    rank, world, _ = init_distributed(threads=1, device="cpu")
-    return measure_rows(rows, rank, world)
 
 
 def planner_attention_mb(row: dict) -> float:
@@ -192,24 +139,20 @@ def planner_attention_mb(row: dict) -> float:
     the incoming k, v; GQA shrinks k, v), ``b c (2 h + 4 h_kv) d`` elements."""
     c = row["seq"] // row["world"]
     elems = row["batch"] * c * (2 * row["heads"] + 4 * row["kv_heads"]) * row["head_dim"]
-    return elems * DTYPE_BYTES[row["dtype"]] / MB
+    return elems * h.DTYPE_BYTES[row["dtype"]] / MB
 
 
 def summarize(row: dict, ranks: list[dict]) -> dict:
     peak = max(r["peak_live_mb"] for r in ranks)
     inputs = max(r["inputs_mb"] for r in ranks)
     growth = [r["rss_growth_mb"] for r in ranks if r["rss_growth_mb"] is not None]
+    planner = planner_attention_mb(row) if row["impl"] == "ring" else None
     return dict(
-        row,
-        kind="measure",
-        local_seq=row["seq"] // row["world"],
-        inputs_mb=inputs,
-        peak_extra_mb=peak,
-        peak_total_mb=inputs + peak,
-        rss_growth_mb=max(growth) if growth else None,
-        blocks=peak * MB / block_bytes(row),
-        planner_attention_mb=planner_attention_mb(row) if row["impl"] == "ring" else None,
-    )
+        row, kind="measure", local_seq=row["seq"] // row["world"], inputs_mb=inputs,
+        peak_extra_mb=peak, peak_total_mb=inputs + peak,
+        rss_growth_mb=max(growth) if growth else None, blocks=peak * MB / h.block_bytes(row),
+        planner_attention_mb=planner,
+    )  # fmt: skip
 
 
 def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -233,6 +176,15 @@ def _linearity(rows: list[dict]) -> list[dict]:
     return rows
 
 
+def _series(rows: list[dict], kind: str, key: str) -> dict:
+    """(impl, W) or another ``key`` -> the rows of ``kind`` with it, sorted by seq/world."""
+    out: dict = {}
+    for r in rows:
+        if r.get("kind") == kind:
+            out.setdefault(key(r) if callable(key) else r[key], []).append(r)
+    return {k: sorted(v, key=lambda r: (r.get("seq", 0), r["world"])) for k, v in out.items()}
+
+
 def max_context_rows(rows: list[dict], budget_mb: float, align: int = 1) -> list[dict]:
     """Per (impl, W): fit peak_total_mb vs global seq, solve for the budget.
 
@@ -240,39 +192,21 @@ def max_context_rows(rows: list[dict], budget_mb: float, align: int = 1) -> list
     no receive buffers and is not on the same line.
     """
     out = []
-    groups = sorted({(r["impl"], r["world"]) for r in rows if r.get("kind") == "measure"})
-    for impl, w in groups:
-        mine = sorted(
-            (
-                r
-                for r in rows
-                if r.get("kind") == "measure" and (r["impl"], r["world"]) == (impl, w)
-            ),
-            key=lambda r: r["seq"],
-        )
+    for (impl, w), mine in sorted(
+        _series(rows, "measure", lambda r: (r["impl"], r["world"])).items()
+    ):
         a, b = fit_line([r["seq"] for r in mine], [r["peak_total_mb"] for r in mine])
         step = align * w
         # (+1e-6: a solution on an exact multiple must not round down to the one below)
         seq = int((budget_mb - b) / a + 1e-6) // step * step if a > 0 else 0
-        out.append(
-            dict(
-                kind="max_context",
-                source="measured fit" if impl == "ring" else "measured fit (SDPA)",
-                impl=impl,
-                world=w,
-                budget_mb=budget_mb,
-                mb_per_1k_tokens=a * 1024,
-                intercept_mb=b,
-                max_seq=max(seq, 0),
-            )
-        )
+        source = "measured fit" if impl == "ring" else "measured fit (SDPA)"
+        out.append(dict(kind="max_context", source=source, impl=impl, world=w,
+                        budget_mb=budget_mb, mb_per_1k_tokens=a * 1024, intercept_mb=b,
+                        max_seq=max(seq, 0)))  # fmt: skip
     ring = [r for r in out if r["impl"] == "ring"]
     _linearity([r for r in ring if r["world"] > 1])
-    return (
-        [r for r in ring if r["world"] == 1]
-        + [r for r in ring if r["world"] > 1]
-        + [r for r in out if r["impl"] != "ring"]
-    )
+    # the one-rank ring first, then the ring over W > 1, then SDPA
+    return sorted(out, key=lambda r: (r["impl"] != "ring", r["world"] > 1))
 
 
 def planner_rows(model: str, hardware: str, worlds: list[int], mem_mb: float | None) -> list[dict]:
@@ -284,46 +218,31 @@ def planner_rows(model: str, hardware: str, worlds: list[int], mem_mb: float | N
 
     cfg = get_preset(model)
     hw = get_hardware(hardware, mem_bytes=mem_mb * MB if mem_mb else None)
-    out = [
-        dict(
-            kind="max_context",
-            source=f"planner: {model}, {hw.mem_bytes / MB:,.0f} MB/rank",
-            impl="ring",
-            world=w,
-            budget_mb=hw.mem_bytes / MB,
-            max_seq=max_context(cfg, hw, cp=w),
-        )
+    budget = hw.mem_bytes / MB
+    src = f"planner: {model}, {budget:,.0f} MB/rank"
+    return _linearity([
+        dict(kind="max_context", source=src, impl="ring", world=w, budget_mb=budget,
+             max_seq=max_context(cfg, hw, cp=w))
         for w in worlds
-    ]
-    return _linearity(out)
+    ])  # fmt: skip
 
 
-COLUMNS = [
-    ("impl", "impl", "{}"),
-    ("world", "W", "{}"),
-    ("seq", "global seq", "{}"),
-    ("local_seq", "tokens/rank", "{}"),
-    ("inputs_mb", "inputs MB", "{:.0f}"),
-    ("peak_extra_mb", "peak live MB (call)", "{:.1f}"),
-    ("blocks", "= q blocks", "{:.1f}"),
-    ("peak_total_mb", "inputs + peak MB", "{:.1f}"),
-    ("rss_growth_mb", "RSS growth MB", "{:.0f}"),
-    ("planner_attention_mb", "planner 6 blocks MB", "{:.1f}"),
-]
+COLUMNS = output.columns(
+    "impl=impl; world=W; seq=global seq; local_seq=tokens/rank; inputs_mb=inputs MB:.0f; "
+    "peak_extra_mb=peak live MB (call):.1f; blocks== q blocks:.1f; "
+    "peak_total_mb=inputs + peak MB:.1f; rss_growth_mb=RSS growth MB:.0f; "
+    "planner_attention_mb=planner 6 blocks MB:.1f",
+)
 
-CTX_COLUMNS = [
-    ("source", "source", "{}"),
-    ("impl", "impl", "{}"),
-    ("world", "W", "{}"),
-    ("budget_mb", "budget MB/rank", "{:.0f}"),
-    ("mb_per_1k_tokens", "MB per 1K global tokens", "{:.2f}"),
-    ("max_seq", "max context", "{:,}"),
-    ("per_rank", "max context / W", "{:,.0f}"),
-    ("vs_linear", "(max/W) / first", "{:.2f}"),
-]
+CTX_COLUMNS = output.columns(
+    "source=source; impl=impl; world=W; budget_mb=budget MB/rank:.0f; "
+    "mb_per_1k_tokens=MB per 1K global tokens:.2f; max_seq=max context:,; "
+    "per_rank=max context / W:,.0f; vs_linear=(max/W) / first:.2f",
+)
 
 NOTES = (
-    "Per rank, largest rank, fwd+bwd of causal {layout} attention, {dtype}, {h} heads x {d}. "
+    "Per rank, largest rank, fwd+bwd of causal {layout} attention, {dtype}, {heads} heads x "
+    "{head_dim}. "
     "peak live: the most tensor bytes alive at once during the call, beyond its inputs "
     "(q, k, v, dout); '= q blocks' divides by one local q block (b s/W h d). RSS growth: "
     "peak resident memory growth during the call (includes kernel scratch, page-granular). "
@@ -333,105 +252,55 @@ NOTES = (
 
 
 def plot(rows: list[dict], path: str) -> None:
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    meas = [r for r in rows if r.get("kind") == "measure"]
-    for impl, w in sorted({(r["impl"], r["world"]) for r in meas}):
-        mine = sorted(
-            (r for r in meas if (r["impl"], r["world"]) == (impl, w)), key=lambda r: r["seq"]
-        )
-        label = "SDPA, 1 process" if impl == "sdpa" else f"ring W={w}"
-        style = "k--o" if impl == "sdpa" else "-o"
+    fig, axes = output.figure(2, figsize=(10, 4))
+    for (impl, w), mine in sorted(
+        _series(rows, "measure", lambda r: (r["impl"], r["world"])).items()
+    ):
+        label, style = ("SDPA, 1 process", "k--o") if impl == "sdpa" else (f"ring W={w}", "-o")
         axes[0].plot(
             [r["seq"] for r in mine], [r["peak_total_mb"] for r in mine], style, label=label
         )
-    axes[0].set_xscale("log", base=2)
-    axes[0].set_yscale("log", base=2)
-    axes[0].set_xlabel("global sequence (tokens)")
-    axes[0].set_ylabel("peak MB per rank (inputs + live tensors)")
-    axes[0].set_title("per-rank peak memory, attention fwd+bwd", fontsize=9)
-    axes[0].legend(fontsize=8)
-    ctx = [r for r in rows if r.get("kind") == "max_context" and r["impl"] == "ring"]
-    for src in dict.fromkeys(r["source"] for r in ctx):
-        mine = sorted(
-            (r for r in ctx if r["source"] == src and r["max_seq"] > 0), key=lambda r: r["world"]
-        )
-        if not mine:
-            continue
-        line = axes[1].plot(
-            [r["world"] for r in mine], [r["max_seq"] for r in mine], "-o", label=src
-        )
-        w0, s0 = mine[-1]["world"], mine[-1]["max_seq"]
-        axes[1].plot(
-            [r["world"] for r in mine],
-            [s0 * r["world"] / w0 for r in mine],
-            ":",
-            color=line[0].get_color(),
-            lw=1,
-        )
-    ws = sorted({r["world"] for r in ctx})
-    if ws:
-        axes[1].set_xticks(ws, [str(w) for w in ws])
-    axes[1].set_xscale("log", base=2)
-    axes[1].set_yscale("log", base=2)
-    axes[1].set_xlabel("W (ranks)")
-    axes[1].set_ylabel("longest context (tokens)")
-    axes[1].set_title("longest context at a fixed per-rank budget (dotted: ~W)", fontsize=9)
-    axes[1].legend(fontsize=7)
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    save(fig, path, machine_line(meas[0].get("machine") if meas else None))
+    output.style(axes[0], "global sequence (tokens)", "peak MB per rank (inputs + live tensors)",
+            "per-rank peak memory, attention fwd+bwd", logx=2, logy=2)  # fmt: skip
+    ctx = [r for r in rows if r["impl"] == "ring" and r.get("max_seq", 0) > 0]
+    for src, mine in _series(ctx, "max_context", "source").items():
+        ws = [r["world"] for r in mine]
+        line = axes[1].plot(ws, [r["max_seq"] for r in mine], "-o", label=src)
+        s0, w0 = mine[-1]["max_seq"], ws[-1]  # dotted: linear in W through the last point
+        axes[1].plot(ws, [s0 * w / w0 for w in ws], ":", color=line[0].get_color(), lw=1)
+    ws = sorted({r["world"] for r in ctx if r.get("kind") == "max_context"})
+    output.style(axes[1], "W (ranks)", "longest context (tokens)",
+            "longest context at a fixed per-rank budget (dotted: ~W)", logx=2, logy=2,
+            ticks=ws, legend=7)  # fmt: skip
+    meas = [r for r in rows if r.get("kind") == "measure"]
+    output.save(fig, path, output.machine_line(meas[0].get("machine") if meas else None))
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="ringattn bench memory", description=__doc__)
-    p.add_argument("--world", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--seq", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
-    p.add_argument("--layout", default="zigzag")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=64)
+    p = h.parser("bench memory", __doc__)
+    h.problem_args(p, world=[1, 2, 4, 8], seq=[2048, 4096, 8192, 16384], many=("world", "seq"))
     p.add_argument("--no-sdpa", action="store_true", help="skip the single-process SDPA rows")
     p.add_argument("--budget-mb", type=float, default=256.0, help="per-rank budget for max ctx")
-    p.add_argument("--plan-model", nargs="+", default=["tiny", "llama-7b"])
-    p.add_argument("--plan-hardware", default="a100-nvlink")
-    p.add_argument("--plan-world", type=int, nargs="+", default=[2, 4, 8, 16])
-    add_output_args(p, "memory")
+    p.add_argument("--plan-model", nargs="+", default=["tiny", "llama-7b"], choices=PRESETS)
+    p.add_argument("--plan-hardware", default="a100-nvlink", choices=[*HARDWARE, "cpu"])
+    p.add_argument("--plan-world", type=h.positive, nargs="+", default=[2, 4, 8, 16])
+    output.add_output_args(p, "memory")
     args = p.parse_args(argv)
+    probs = {w: [h.problem_of(args, world=w, seq=s, impl="ring") for s in args.seq]
+             for w in sorted(args.world)}  # fmt: skip
+    h.check_problems(p, [r for rows in probs.values() for r in rows])
+    if 1 in probs and not args.no_sdpa:  # in this process: the one-rank ring, then SDPA
+        probs[1] += [dict(r, impl="sdpa") for r in probs[1]]
     torch.set_num_threads(1)
-
-    def prob(w: int, s: int, impl: str) -> dict:
-        return problem(
-            world=w,
-            seq=s,
-            layout=args.layout,
-            causal=True,
-            dtype=args.dtype,
-            heads=args.heads,
-            head_dim=args.head_dim,
-            impl=impl,
-        )
-
     rows = []
-    for w in sorted(args.world):
-        mine = [prob(w, s, "ring") for s in args.seq]
-        if w == 1:  # in this process: the one-rank ring, then single-process SDPA
-            mine += [] if args.no_sdpa else [prob(1, s, "sdpa") for s in args.seq]
-            per_rank = {0: measure_rows(mine, 0, 1)}
-        else:
-            per_rank = launch(_rank_main, w, mine)
-        rows += [summarize(r, [per_rank[k][i] for k in range(w)]) for i, r in enumerate(mine)]
-    m = machine()
-    rows = [dict(r, bench="memory", machine=m) for r in rows]
+    for w, mine in probs.items():
+        ranks = h.run_ranks(measure_rows, w, mine)
+        rows += [summarize(r, [rk[i] for rk in ranks]) for i, r in enumerate(mine)]
     ctx = max_context_rows(rows, args.budget_mb, align=2 if args.layout == "zigzag" else 1)
     for model in args.plan_model:
         # the tiny model at the measured budget; real models at the hardware's own memory
         mem = args.budget_mb if model == "tiny" else None
         ctx += planner_rows(model, args.plan_hardware, args.plan_world, mem)
-    ctx = [dict(r, bench="memory", machine=m) for r in ctx]
-    tables = markdown_table(rows, COLUMNS) + "\n\n" + markdown_table(ctx, CTX_COLUMNS)
-    notes = NOTES.format(layout=args.layout, dtype=args.dtype, h=args.heads, d=args.head_dim)
-    report(rows + ctx, tables, args, notes)
-    if args.png:
-        plot(rows + ctx, args.png)
-    return 0
+    tables = output.markdown_table(rows, COLUMNS) + "\n\n" + output.markdown_table(ctx, CTX_COLUMNS)
+    notes = NOTES.format(**vars(args))
+    return output.report(output.stamp(rows + ctx, "memory"), tables, args, notes, plot)

@@ -13,31 +13,34 @@ from ..comm import Ring
 from ..kernels import fused
 from ..plan.simulate import BWD_FLOPS_FACTOR
 from ..schedule import ring_plan
-from .common import DTYPES, best_of
+from .harness import make_inputs, timed
+
+
+def least_cpu(fn, repeats: int) -> float:
+    """Least CPU seconds of ``fn()`` over ``repeats`` calls after a warm-up."""
+    return timed(fn, repeats)[0]["cpu_s"]
+
+
+def _block(row: dict, n: int) -> list:
+    """Seeded q, k, v, dout of ``row``'s shape for ``n`` tokens, (b, h[_kv], n, d)."""
+    return [t.transpose(1, 2).contiguous() for t in make_inputs(dict(row, seq=n))]
 
 
 def kernel_rates(row: dict, block: int, repeats: int = 2) -> dict:
     """Forward and backward FLOP/s of the CPU fused op on one full (non-causal) block."""
-    g = torch.Generator().manual_seed(0)
-    b, h, hk, d = row["batch"], row["heads"], row["kv_heads"], row["head_dim"]
-    dt = DTYPES[row["dtype"]]
-    q = torch.randn(b, h, block, d, generator=g).to(dt)
-    k, v = (torch.randn(b, hk, block, d, generator=g).to(dt) for _ in range(2))
-    do = torch.randn(b, h, block, d, generator=g).to(dt)
+    q, k, v, do = _block(row, block)
+    b, h, d = row["batch"], row["heads"], row["head_dim"]
     scale = d**-0.5
     out, lse = fused.cpu_forward(q, k, v, causal=False, scale=scale)
     # CPU time, not wall: on a shared machine wall time also counts waiting for a core
-    _, t_fwd = best_of(lambda: fused.cpu_forward(q, k, v, causal=False, scale=scale), repeats)
-    _, t_bwd = best_of(
+    t_fwd = least_cpu(lambda: fused.cpu_forward(q, k, v, causal=False, scale=scale), repeats)
+    t_bwd = least_cpu(
         lambda: fused.cpu_backward(do, q, k, v, out, lse, causal=False, scale=scale), repeats
     )
     fwd_flops = 4.0 * b * h * block * block * d
+    bwd_flops = BWD_FLOPS_FACTOR * fwd_flops / t_bwd
     return dict(
-        block=block,
-        fwd_s=t_fwd,
-        bwd_s=t_bwd,
-        fwd_flops=fwd_flops / t_fwd,
-        bwd_flops=BWD_FLOPS_FACTOR * fwd_flops / t_bwd,
+        block=block, fwd_s=t_fwd, bwd_s=t_bwd, fwd_flops=fwd_flops / t_fwd, bwd_flops=bwd_flops
     )
 
 
@@ -51,64 +54,45 @@ def replay_rank(row: dict, rank: int, repeats: int = 1) -> dict:
     """
     w, n = row["world"], row["seq"] // row["world"]
     plan = ring_plan(row["layout"], row["causal"], rank, w, n)
-    g = torch.Generator().manual_seed(0)
-    b, h, hk, d = row["batch"], row["heads"], row["kv_heads"], row["head_dim"]
-    dt = DTYPES[row["dtype"]]
-    q, do = (torch.randn(b, h, n, d, generator=g).to(dt) for _ in range(2))
-    k, v = (torch.randn(b, hk, n, d, generator=g).to(dt) for _ in range(2))
-    scale = d**-0.5
+    q, k, v, do = _block(row, n)
+    scale = row["head_dim"] ** -0.5
     works = [wk for step in plan for wk in step]
 
     def fwd() -> list:
         return [
-            fused.cpu_forward(
-                q[:, :, wk.q],
-                k[:, :, wk.kv],
-                v[:, :, wk.kv],
-                causal=wk.causal,
-                scale=scale,
-                mask=wk.mask,
-            )
-            for wk in works
-        ]
+            fused.cpu_forward(q[:, :, w.q], k[:, :, w.kv], v[:, :, w.kv], causal=w.causal,
+                              scale=scale, mask=w.mask)
+            for w in works
+        ]  # fmt: skip
 
     # each block's own (out, lse), so the backward sees realistic softmax statistics
     fwd_res = fwd()
 
     def bwd() -> None:
-        for wk, (o, lse) in zip(works, fwd_res):
-            fused.cpu_backward(
-                do[:, :, wk.q],
-                q[:, :, wk.q],
-                k[:, :, wk.kv],
-                v[:, :, wk.kv],
-                o,
-                lse,
-                causal=wk.causal,
-                scale=scale,
-                mask=wk.mask,
-            )
+        for w, (o, lse) in zip(works, fwd_res):
+            fused.cpu_backward(do[:, :, w.q], q[:, :, w.q], k[:, :, w.kv], v[:, :, w.kv], o, lse,
+                               causal=w.causal, scale=scale, mask=w.mask)  # fmt: skip
 
-    _, t_fwd = best_of(fwd, repeats)
-    _, t_bwd = best_of(bwd, repeats)
+    t_fwd, t_bwd = least_cpu(fwd, repeats), least_cpu(bwd, repeats)
     return dict(fwd_cpu_s=t_fwd, bwd_cpu_s=t_bwd, fwdbwd_cpu_s=t_fwd + t_bwd)
 
 
 def time_exchanges(sizes: tuple[int, ...], repeats: int, barrier) -> list[float]:
     """Best seconds of one ring exchange (send to rank+1, receive from rank-1) per size."""
     ring = Ring(None)
+
+    def exchange(kv: list) -> dict:
+        barrier()
+        t0 = time.perf_counter()
+        ring.exchange(kv).wait()
+        return dict(wall_s=time.perf_counter() - t0)
+
     out = []
     for n in sizes:
         half = max(n // 8, 1)  # float64 elements per tensor: K and V are n/2 bytes each
         kv = [torch.zeros(half, dtype=torch.float64) for _ in range(2)]
-        ring.exchange(kv).wait()  # connects the pair, touches the buffers
-        best = float("inf")
-        for _ in range(repeats):
-            barrier()
-            t0 = time.perf_counter()
-            ring.exchange(kv).wait()
-            best = min(best, time.perf_counter() - t0)
-        out.append(best)
+        # the warm-up connects the pair and touches the buffers
+        out.append(timed(lambda kv=kv: exchange(kv), repeats, key="wall_s")[0]["wall_s"])
     return out
 
 

@@ -10,90 +10,162 @@ table also gives tokens/s per core-second (tokens/s x W / min(W, cores)).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
 from pathlib import Path
 
-from ..launch import launch
+from ..cp import STRATEGIES
+from ..model.config import PRESETS
 from ..train.cli import run_worker
 from ..train.config import load_config
+from . import harness as h
+from . import output
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="ringattn bench train", description=__doc__)
-    p.add_argument("--cp", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--seq", type=int, default=4096, help="global tokens per sequence")
-    p.add_argument("--steps", type=int, default=6)
+def parse(argv: list[str]):
+    p = h.parser("bench train", __doc__)
+    p.add_argument("--cp", type=h.positive, nargs="+", default=[1, 2, 4])
+    p.add_argument("--seq", type=h.positive, default=4096, help="global tokens per sequence")
+    p.add_argument("--steps", type=h.positive, default=6)
     p.add_argument("--warmup", type=int, default=2, help="steps left out of the summary")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--strategy", default="ring")
-    p.add_argument("--layout", default="zigzag")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--strategy", default="ring", choices=STRATEGIES)
+    p.add_argument("--layout", default="zigzag", choices=h.LAYOUTS)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--peak-tflops", type=float, default=0.3, help="per rank, for MFU")
     p.add_argument("--dir", default="runs/bench/train")
-    p.add_argument("--out", default=None, help="append JSON lines here")
-    return p.parse_args(argv)
+    p.add_argument("--out", default=None, help="append JSON lines here (default: stdout)")
+    p.add_argument(
+        "--count-comm",
+        action="store_true",
+        help="also report torch.distributed calls per step by function (rank 0) and the CPU "
+        "seconds per step (process time, max over ranks)",
+    )
+    a = p.parse_args(argv)
+    if not 0 <= a.warmup < a.steps:
+        p.error(f"--warmup {a.warmup} must be >= 0 and below --steps {a.steps}")
+    m = PRESETS[a.preset]
+    probs = [h.problem(world=cp, seq=a.seq, layout=a.layout, strategy=a.strategy, heads=m.n_heads,
+                       kv_heads=m.n_kv_heads) for cp in a.cp]  # fmt: skip
+    h.check_problems(p, probs, world_opt="--cp")
+    try:
+        a.configs = {cp: config(a, cp) for cp in a.cp}
+    except ValueError as e:  # what the trainer's own checks reject
+        p.error(str(e).splitlines()[0])
+    return a
 
 
-def run_one(a: argparse.Namespace, cp: int) -> dict:
-    out_dir = Path(a.dir) / f"cp{cp}"
-    cfg = load_config(
+def config(a, cp: int):
+    return load_config(
         None,
         [
             f"--model.preset={a.preset}", f"--parallel.cp={cp}",
             f"--parallel.strategy={a.strategy}", f"--parallel.layout={a.layout}",
             f"--data.seq_len={a.seq}", "--data.batch_size=1", f"--train.steps={a.steps}",
             f"--train.dtype={a.dtype}", f"--train.peak_tflops={a.peak_tflops}",
-            f"--train.out_dir={out_dir}", "--train.log_every=1", "--train.progress=false",
-            "--train.plot=false", "--eval.n_seqs=1", f"--eval.seq_len={a.seq}",
+            f"--train.out_dir={Path(a.dir) / f'cp{cp}'}", "--train.log_every=1",
+            "--train.progress=false", "--train.plot=false", "--eval.n_seqs=1",
+            f"--eval.seq_len={a.seq}",
         ],
     )  # fmt: skip
-    if (out_dir / "metrics.jsonl").exists():
-        (out_dir / "metrics.jsonl").unlink()  # a fresh log per run
-    summary = launch(run_worker, cp, cfg.to_dict())[0]
-    rows = [json.loads(line) for line in open(out_dir / "metrics.jsonl")]
-    steps = [r for r in rows if "tokens_per_s" in r][a.warmup :]
+
+
+def _worker(rank: int, world: int, cfg_dict: dict) -> dict:
+    return run_worker(cfg_dict)  # joins the group itself, with the trainer's settings
+
+
+def _count_worker(rank: int, world: int, cfg_dict: dict) -> dict:
+    return count_worker(cfg_dict)
+
+
+def run_one(a, cp: int) -> dict:
+    cfg = a.configs[cp]
+    log = Path(cfg.train.out_dir) / "metrics.jsonl"
+    log.unlink(missing_ok=True)  # a fresh log per run
+    par = cfg.parallel
+    fn = _count_worker if a.count_comm else _worker
+    ranks = h.run_ranks(fn, cp, cfg.to_dict(), threads=par.threads_per_rank,
+                        device=par.device, here=False)  # fmt: skip
+    summary = ranks[0]
+    steps = [r for r in output.read_rows(str(log)) if "tokens_per_s" in r][a.warmup :]
     med = lambda key: statistics.median(r[key] for r in steps)
-    cores = os.cpu_count() or 1
     tok_s = med("tokens_per_s")
-    return dict(
+    row = dict(
         bench="train", preset=a.preset, cp=cp, strategy=a.strategy, layout=a.layout,
         dtype=a.dtype, seq=a.seq, steps_measured=len(steps), step_time_s=med("step_time_s"),
-        tokens_per_s=tok_s, tokens_per_core_s=tok_s * cp / min(cp, cores),
+        tokens_per_s=tok_s, tokens_per_core_s=tok_s * cp / min(cp, os.cpu_count() or 1),
         tflops_per_rank=med("tflops_per_rank"), mfu=med("mfu"), peak_tflops=a.peak_tflops,
         peak_mem_mb_per_rank=summary["peak_mem_mb_per_rank"], final_loss=summary["final_loss"],
     )  # fmt: skip
+    if a.count_comm:  # fields only with the flag: the default rows stay as they are
+        per_step = summary["per_step"][a.warmup :]
+        row["cpu_s_per_step"] = statistics.median(p["cpu_s"] for p in per_step)
+        row["dist_calls_per_step"] = per_step[-1]["calls"]
+    return row
+
+
+def count_worker(cfg_dict: dict) -> dict:
+    """``run_worker`` with every train step traced: torch.distributed calls by function and
+    CPU seconds (process time of this rank; the summary keeps rank 0's calls and the max
+    CPU time over ranks)."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from ..dist_trace import trace_dist
+    from ..launch import init_distributed
+    from ..train.config import Config
+    from ..train.trainer import Trainer
+
+    cfg = Config.from_dict(cfg_dict)
+    init_distributed(threads=cfg.parallel.threads_per_rank, device=cfg.parallel.device)
+    try:
+        trainer, per_step = Trainer(cfg), []
+        step_fn = trainer.train_step
+
+        def traced_step(step: int) -> dict:
+            with trace_dist() as trace:
+                c0 = time.process_time()
+                row = step_fn(step)
+                cpu = time.process_time() - c0
+            per_step.append({"calls": dict(sorted(trace.calls.items())), "cpu_s": cpu})
+            return row
+
+        trainer.train_step = traced_step
+        summary = trainer.fit()
+        cpu = torch.tensor(
+            [p["cpu_s"] for p in per_step], dtype=torch.float64, device=trainer.device
+        )
+        dist.all_reduce(cpu, op=dist.ReduceOp.MAX)
+        for p, c in zip(per_step, cpu.tolist()):
+            p["cpu_s"] = c
+        summary["per_step"] = per_step
+        return summary
+    finally:
+        dist.destroy_process_group()
+
+
+COLUMNS = output.columns(
+    "cp=cp; seq=seq; step_time_s=step s:.2f; tokens_per_s=tokens/s:,.0f; "
+    "tokens_per_core_s=tokens/core-s:,.0f; tflops_per_rank=TFLOP/s/rank:.3f; mfu=MFU; "
+    "peak_mem_mb_per_rank=peak MiB/rank",
+    mfu=lambda r: f"{100 * r['mfu']:.1f}%",
+    peak_mem_mb_per_rank=lambda r: f"{max(r['peak_mem_mb_per_rank']):,.0f}",
+)
 
 
 def table(rows: list[dict]) -> str:
-    head = (
-        "| cp | seq | step s | tokens/s | tokens/core-s | TFLOP/s/rank | MFU | peak MiB/rank |\n"
-        "|---|---|---|---|---|---|---|---|"
-    )
-    body = [
-        f"| {r['cp']} | {r['seq']} | {r['step_time_s']:.2f} | {r['tokens_per_s']:,.0f} | "
-        f"{r['tokens_per_core_s']:,.0f} | {r['tflops_per_rank']:.3f} | {100 * r['mfu']:.1f}% | "
-        f"{max(r['peak_mem_mb_per_rank']):,.0f} |"
-        for r in rows
-    ]
-    return "\n".join([head, *body])
+    return output.markdown_table(rows, COLUMNS)
 
 
 def main(argv: list[str]) -> int:
     a = parse(argv)
+    sink = output.row_sink(a.out)
     rows = []
     for cp in a.cp:
-        row = run_one(a, cp)
-        rows.append(row)
-        line = json.dumps(row)
-        if a.out:
-            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-            with open(a.out, "a") as f:
-                f.write(line + "\n")
-        else:
-            print(line, flush=True)
+        rows.append(run_one(a, cp))
+        sink(rows[-1])
     print(table(rows), file=sys.stdout if a.out else sys.stderr)
     return 0

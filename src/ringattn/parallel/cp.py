@@ -69,21 +69,21 @@ class CPAttention:
     cu_seqlens: list[torch.Tensor] | None = None
 
     def __call__(self, q, k, v, causal: bool = True) -> torch.Tensor:
-        if self.cu_seqlens is not None:
+        if self.cu_seqlens is not None and self.cp == 1:
             rows = [
-                self._family(q[i : i + 1], k[i : i + 1], v[i : i + 1], causal, self.cu_seqlens[i])
-                for i in range(q.shape[0])
+                local_doc_attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], cu, causal)
+                for i, cu in enumerate(self.cu_seqlens)
             ]
             return torch.cat(rows, dim=0)
+        if self.cu_seqlens is not None:  # one call for the batch, one cu_seqlens per row
+            return self._family(q, k, v, causal, list(self.cu_seqlens))
         if self.strategy == "ring":
             return ringattn.ring_attention(
                 q, k, v, causal=causal, layout=self.layout, group=self.group, kernel=self.kernel
             )
         return self._family(q, k, v, causal, None)
 
-    def _family(self, q, k, v, causal: bool, cu: torch.Tensor | None) -> torch.Tensor:
-        if cu is not None and self.cp == 1:
-            return local_doc_attention(q, k, v, cu, causal)
+    def _family(self, q, k, v, causal: bool, cu: list[torch.Tensor] | None) -> torch.Tensor:
         kw = dict(causal=causal, layout=self.layout, strategy=self.strategy, kernel=self.kernel)
         if cu is not None:
             kw["cu_seqlens"] = cu

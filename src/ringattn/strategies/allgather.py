@@ -108,14 +108,6 @@ def allgather_attention(
     """q (b, n, h, d), k/v (b, n, h_kv, d) sharded by ``layout`` over ``group`` (inputs
     already validated) -> out (b, n, h, d), lse (b, h, n) fp32."""
     rank, world = world_of(group)
-    plan = gather_plan(
-        layout,
-        world,
-        rank,
-        q.shape[1],
-        causal=causal,
-        cu=cu,
-        window=window,
-        device=str(q.device),
-    )
+    n, dev = q.shape[1], str(q.device)
+    plan = gather_plan(layout, world, rank, n, causal=causal, cu=cu, window=window, device=dev)
     return _AllGatherAttention.apply(q, k, v, scale, plan, group, kernel)

@@ -48,20 +48,8 @@ def hybrid_rank(mesh) -> tuple[int, int]:
     return rr * u + ur, r * u
 
 
-def hybrid_attention(q, k, v, *, scale, causal, layout, cu, window, kernel, mesh, need_lse=True):
-    """Ulysses over mesh["ulysses"], ring over mesh["ring"]; inputs already validated."""
+def hybrid_attention(q, k, v, *, mesh, **kw):
+    """Ulysses over mesh["ulysses"], ring over mesh["ring"]; inputs already validated.
+    ``kw``: the options of :func:`~ringattn.strategies.ulysses.usp_attention`."""
     uly, ring = mesh_groups(mesh)
-    return usp_attention(
-        q,
-        k,
-        v,
-        scale=scale,
-        causal=causal,
-        layout=layout,
-        cu=cu,
-        window=window,
-        kernel=kernel,
-        ulysses_group=uly,
-        ring=Ring(ring),
-        need_lse=need_lse,
-    )
+    return usp_attention(q, k, v, ulysses_group=uly, ring=Ring(ring), **kw)

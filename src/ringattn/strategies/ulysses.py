@@ -30,11 +30,12 @@ import math
 
 import torch
 
+from ..balance import PACKED
 from ..comm import Ring, all_to_all, world_of
 from ..kernels import Kernel
 from ..layouts import local_indices
 from ..mask_plan import MASK_TILE, ring_mask_plan
-from ..ring import _RingAttention
+from ..ring import ring_pass
 
 
 def kv_repeats(h_kv: int, ulysses: int) -> int:
@@ -43,10 +44,13 @@ def kv_repeats(h_kv: int, ulysses: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _sort_order(layout: str, world: int, ring_rank: int, ulysses: int, n: int, cu=None):
-    """Permutation sorting the concatenated shards of one Ulysses group by position (the
-    argsort, long (U*n,)), or None when they already are sorted. ``cu``: the documents
-    (tuple), which layout "packed" is built from."""
+def sort_orders(
+    layout: str, world: int, ring_rank: int, ulysses: int, n: int, device: str, cu=None
+):
+    """(order, inverse) on ``device``: the permutation sorting the concatenated shards of
+    one Ulysses group by position and its inverse (long (U*n,)), or None when they already
+    are sorted. Cached per device, so a call copies nothing from the host. ``cu``: the
+    documents (tuple), which layout "packed" is built from."""
     seq = world * n
     cat = torch.cat(
         [
@@ -55,7 +59,9 @@ def _sort_order(layout: str, world: int, ring_rank: int, ulysses: int, n: int, c
         ]
     )
     order = torch.argsort(cat)
-    return None if torch.equal(order, torch.arange(cat.numel())) else order
+    if torch.equal(order, torch.arange(cat.numel())):
+        return None
+    return order.to(device), torch.argsort(order).to(device)
 
 
 def usp_attention(
@@ -90,10 +96,10 @@ def usp_attention(
         parts = [x.reshape(b, n, U, -1, d) for x in (q, k, v)]
         packed = torch.cat(parts, dim=3).flatten(2, 3)
         x = all_to_all(packed, scatter_dim=2, gather_dim=1, group=ulysses_group)
-        order = _sort_order(layout, U * ring.world, ring.rank, U, n, cu)
-        if order is not None:  # rank-major layout order -> increasing positions
-            order = order.to(q.device)
-            x = x.index_select(1, order)
+        docs = cu if layout == PACKED else None  # only "packed" depends on them: cache hits
+        orders = sort_orders(layout, U * ring.world, ring.rank, U, n, str(q.device), docs)
+        if orders is not None:  # rank-major layout order -> increasing positions
+            x = x.index_select(1, orders[0])
         q, k, v = (t.contiguous() for t in x.split([hq, hkv, hkv], dim=2))
     plan = ring_mask_plan(
         layout,
@@ -107,11 +113,11 @@ def usp_attention(
         tile=min(n, MASK_TILE),  # skip what the ring would skip, at the ring's block size
         device=str(q.device),
     )
-    out, lse = _RingAttention.apply(q, k, v, scale, plan, ring, kernel)
+    out, lse = ring_pass(q, k, v, scale=scale, plan=plan, ring=ring, kernel=kernel)
     if U == 1:
         return out, lse
-    if order is not None:
-        inv = torch.argsort(order)
+    if orders is not None:
+        inv = orders[1]
         out, lse = out.index_select(1, inv), lse.index_select(2, inv)
     out = all_to_all(out, scatter_dim=1, gather_dim=2, group=ulysses_group)  # (b, n, h, d)
     if need_lse:
@@ -119,21 +125,7 @@ def usp_attention(
     return out, lse
 
 
-def ulysses_attention(
-    q, k, v, *, scale, causal, layout, cu, window, kernel: Kernel, group=None, need_lse=True
-):
-    """Ulysses over ``group``: inputs already validated (h % W == 0)."""
-    return usp_attention(
-        q,
-        k,
-        v,
-        scale=scale,
-        causal=causal,
-        layout=layout,
-        cu=cu,
-        window=window,
-        kernel=kernel,
-        ulysses_group=group,
-        ring=Ring.local(),
-        need_lse=need_lse,
-    )
+def ulysses_attention(q, k, v, *, group=None, **kw):
+    """Ulysses over ``group``: inputs already validated (h % W == 0). ``kw``: the options
+    of :func:`usp_attention`."""
+    return usp_attention(q, k, v, ulysses_group=group, ring=Ring.local(), **kw)

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-__all__ = ["latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["completed_steps", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 _STEP = re.compile(r"^step_(\d+)$")
 
@@ -86,6 +86,13 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     """The newest complete checkpoint in ``ckpt_dir``, or None."""
     done = _complete(Path(ckpt_dir))
     return done[-1] if done else None
+
+
+def completed_steps(ckpt_dir: str | Path) -> int:
+    """Steps completed by the newest complete checkpoint in ``ckpt_dir`` (0 if none); reads
+    one small JSON file, so the parent process can ask before starting any rank."""
+    path = latest_checkpoint(ckpt_dir)
+    return int(json.loads((path / "trainer.json").read_text())["step"]) if path else 0
 
 
 def load_checkpoint(path: str | Path, model, optimizer) -> dict:

@@ -33,6 +33,8 @@ __all__ = [
     "TrainConfig",
     "load_config",
     "parse_overrides",
+    "resolve_config",
+    "shipped_configs",
 ]
 
 
@@ -236,7 +238,7 @@ def parse_overrides(args: list[str]) -> dict:
             raise ValueError(f"override {arg!r} is not of the form --section.key=value")
         if "=" in arg:
             key, raw = arg[2:].split("=", 1)
-        elif i + 1 < len(args):
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
             key, raw = arg[2:], args[i + 1]
             i += 1
         else:
@@ -247,28 +249,44 @@ def parse_overrides(args: list[str]) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the TOML file at ``path`` (if any), then the overrides."""
+def shipped_configs() -> dict:
+    """The configs shipped with the package (``ringattn/configs/*.toml``; the repository's
+    ``configs/`` points at the same folder): ``{name: file}``, e.g. ``"demo"``."""
+    from importlib.resources import files
+
+    folder = files("ringattn") / "configs"
+    return {f.name[: -len(".toml")]: f for f in folder.iterdir() if f.name.endswith(".toml")}
+
+
+def resolve_config(name: str | Path):
+    """A ``--config`` value: a TOML file, or the name of a shipped config (``demo``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    if str(name) in shipped:
+        return shipped[str(name)]
+    raise ValueError(
+        f"--config {name}: no such file; pass a TOML file or one of the shipped configs: "
+        f"{', '.join(sorted(shipped))} (e.g. --config demo)"
+    )
+
+
+def load_config(path=None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the TOML file at ``path`` (if any; a path or a shipped config's name,
+    see :func:`resolve_config`), then the overrides."""
     cfg = Config()
     if path is not None:
-        with open(path, "rb") as f:
-            apply_dict(cfg, tomllib.load(f), where=str(path))
+        path = resolve_config(path)
+        try:
+            with path.open("rb") as f:
+                table = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: not valid TOML: {e}") from None
+        apply_dict(cfg, table, where=str(path))
     apply_dict(cfg, parse_overrides(overrides or []), where="command line")
     validate(cfg)
     return cfg
-
-
-def _check_packed_layout(cfg: Config) -> None:
-    """Layout "packed" is built from each row's documents: it needs packed documents."""
-    if cfg.parallel.layout != "packed":
-        return
-    if cfg.data.kind != "text" or cfg.data.cross_doc_attention:
-        raise ValueError(
-            "parallel.layout='packed' balances packed documents (cu_seqlens), but "
-            f"data.kind={cfg.data.kind!r} with data.cross_doc_attention="
-            f"{str(cfg.data.cross_doc_attention).lower()} has none: use data.kind='text' with "
-            "data.cross_doc_attention=false, or parallel.layout='zigzag'"
-        )
 
 
 def validate(cfg: Config) -> None:
@@ -296,5 +314,11 @@ def validate(cfg: Config) -> None:
             )
     if cfg.data.kind == "text" and not cfg.data.paths:
         raise ValueError("data.kind='text' needs data.paths (files or folders of text)")
-    _check_packed_layout(cfg)
-    cfg.model.build()  # unknown preset -> ValueError
+    try:
+        cfg.model.build()
+    except ValueError as e:  # an unknown preset
+        raise ValueError(f"model.preset={cfg.model.preset!r}: {e}") from None
+
+    from ringattn.train.checks import check_config
+
+    check_config(cfg)  # sizes, divisibility, heads, batches: everything but the world size

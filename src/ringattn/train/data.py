@@ -76,7 +76,9 @@ class RetrievalTask:
         if needle not in ("token", "pair"):
             raise ValueError(f"data.needle={needle!r} is unknown; use 'token' or 'pair'")
         if n_pairs > n_keys:
-            raise ValueError(f"n_pairs ({n_pairs}) must be <= n_keys ({n_keys}): keys are distinct")
+            raise ValueError(
+                f"data.n_pairs ({n_pairs}) must be <= data.n_keys ({n_keys}): keys are distinct"
+            )
         self.needle, self.n_pairs, self.seed = needle, n_pairs, seed
         self.n_keys, self.n_values, self.n_filler = n_keys, n_values, n_filler
         self.key0 = n_filler

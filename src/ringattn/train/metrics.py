@@ -31,13 +31,14 @@ class MetricsLog:
     """Appends one JSON object per line to ``path`` (rank 0 only; other ranks pass None)."""
 
     def __init__(self, path: str | Path | None, start_step: int = 0):
-        """Rows of steps before ``start_step`` are kept (a resumed run), later ones dropped."""
+        """Rows up to ``start_step`` steps completed are kept (a resumed run), later ones
+        dropped. Every row's ``step`` counts the steps completed when it was written."""
         self.path = Path(path) if path is not None else None
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         old = self.path.read_text().splitlines() if self.path.exists() else []
-        keep = [line for line in old if line and json.loads(line)["step"] < start_step]
+        keep = [line for line in old if line and json.loads(line)["step"] <= start_step]
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def write(self, row: dict) -> None:
@@ -48,7 +49,7 @@ class MetricsLog:
 
 
 def _fmt_row(row: dict, total: int) -> str:
-    parts = [f"step {row['step'] + 1}/{total}", f"seq {row['seq_len']}", f"loss {row['loss']:.4f}"]
+    parts = [f"step {row['step']}/{total}", f"seq {row['seq_len']}", f"loss {row['loss']:.4f}"]
     if row.get("acc") is not None:
         parts.append(f"acc {row['acc']:.2f}")
     parts += [
@@ -76,7 +77,7 @@ class ProgressBar:
         line = _fmt_row(row, self.total)
         if self.tty:
             self.stream.write("\r" + line[:200].ljust(120))
-        elif (row["step"] + 1) % self.every == 0 or row["step"] + 1 == self.total:
+        elif row["step"] % self.every == 0 or row["step"] == self.total:
             self.stream.write(f"{line} | {time.perf_counter() - self.t0:.0f}s\n")
         self.stream.flush()
 
@@ -102,17 +103,17 @@ def plot_loss(
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval_acc" in r]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot([r["step"] + 1 for r in train], [r["loss"] for r in train], lw=1, label="train loss")
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, label="train loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     for prev, cur in zip(train, train[1:]):  # curriculum stage boundaries
         if cur["seq_len"] != prev["seq_len"]:
-            ax.axvline(cur["step"] + 1, color="grey", ls=":", lw=0.8)
-            ax.text(cur["step"] + 1, ax.get_ylim()[1], f" {cur['seq_len']}", va="top", fontsize=8)
+            ax.axvline(cur["step"], color="grey", ls=":", lw=0.8)
+            ax.text(cur["step"], ax.get_ylim()[1], f" {cur['seq_len']}", va="top", fontsize=8)
     if evals:
         ax2 = ax.twinx()
         ax2.plot(
-            [r["step"] + 1 for r in evals],
+            [r["step"] for r in evals],
             [r["eval_acc"] for r in evals],
             "o-",
             color="tab:red",

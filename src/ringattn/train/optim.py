@@ -13,16 +13,23 @@ __all__ = ["build_optimizer", "clip_grad_norm", "lr_at"]
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
-    """AdamW over every parameter; no weight decay on norms (1-D weights), as in LLaMA."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+    """AdamW over every parameter; no weight decay on norms (1-D weights), as in LLaMA.
+
+    Multi-tensor (``foreach``) updates: one kernel per step for many parameters instead of
+    one per parameter. A foreach op needs all its DTensors on one mesh, and TP puts some
+    weights on (dp_cp, tp) while the rest live on dp_cp, so each parameter group holds
+    parameters of one mesh.
+    """
+    groups: dict[tuple, list] = {}
+    for p in model.parameters():
+        mesh = p.device_mesh if isinstance(p, DTensor) else None
+        groups.setdefault((p.dim() >= 2, id(mesh)), []).append(p)
+    param_groups = [
+        {"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0}
+        for (decay, _), ps in groups.items()
     ]
-    # foreach=False: one fused multi-tensor kernel would need every DTensor on one mesh
     return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=False
+        param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True
     )
 
 
@@ -47,25 +54,38 @@ def clip_grad_norm(params, max_norm: float) -> float:
     over the world sums them, and each parameter's sum is divided by how many ranks hold a
     copy of each of its shards (``world / number of distinct shards``; a plain tensor is on
     every rank). One collective per step instead of one per parameter.
+
+    Multi-tensor ops: one ``_foreach_norm`` per distinct copy count and one ``_foreach_mul_``,
+    not a loop of kernels per parameter. The scale ``min(1, max_norm / (norm + 1e-6))`` stays
+    on the device (no branch on the norm); the one host sync is the returned, logged norm.
     """
     grads = [p.grad for p in params if p.grad is not None]
     world = dist.get_world_size() if dist.is_initialized() else 1
-    device = grads[0].device if grads else torch.device("cpu")
-    total = torch.zeros((), dtype=torch.float64, device=device)
+    by_copies: dict[int, list[torch.Tensor]] = {}
     for g in grads:
         local, copies = g, world
         if isinstance(g, DTensor):
-            local = g.to_local()
-            copies = world // _n_shards(g)
-        total += local.double().pow(2).sum() / copies
+            local, copies = g.to_local(), world // _n_shards(g)
+        by_copies.setdefault(copies, []).append(local)
+    device = grads[0].device if grads else _collective_device()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for copies, locals_ in by_copies.items():
+        norms = torch._foreach_norm(locals_, 2, dtype=torch.float32)  # one per tensor, fp32
+        total += torch.stack(norms).double().square().sum() / copies
     if world > 1:
         dist.all_reduce(total)
-    norm = float(total.sqrt())
-    if max_norm > 0 and norm > max_norm:
-        coef = max_norm / (norm + 1e-6)
-        for g in grads:
-            (g.to_local() if isinstance(g, DTensor) else g).mul_(coef)
-    return norm
+    norm = total.sqrt()
+    if max_norm > 0 and grads:
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0).float()
+        torch._foreach_mul_([t for ts in by_copies.values() for t in ts], coef)
+    return float(norm)
+
+
+def _collective_device() -> torch.device:
+    """Where a tensor for a world collective must live: NCCL takes only CUDA tensors."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _n_shards(t: DTensor) -> int:

@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor
 from ringattn.model import Transformer
 from ringattn.parallel import ParallelDims, apply_ac, apply_cp, apply_fsdp, apply_tp, shard_batch
 from ringattn.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ringattn.train.checks import check_config
 from ringattn.train.config import Config
 from ringattn.train.data import IGNORE, Batch, build_dataset, stage_at
 from ringattn.train.metrics import MetricsLog, ProgressBar, peak_memory_mb, plot_loss
@@ -79,15 +80,11 @@ def build_parallel_model(cfg: Config, mesh, device: torch.device):
     return model, attn
 
 
-def _check_batch(name: str, batch_size: int, dp: int) -> None:
-    if batch_size % dp:
-        raise ValueError(f"{name} ({batch_size}) must be divisible by parallel.dp ({dp})")
-
-
 class Trainer:
     """Everything one rank needs; see the module docstring for one step."""
 
     def __init__(self, cfg: Config):
+        check_config(cfg, dist.get_world_size())  # as the parent did, plus the world size
         self.cfg = cfg
         self.rank = dist.get_rank()
         self.device = resolve_device(cfg.parallel.device)
@@ -98,7 +95,6 @@ class Trainer:
         self.dp_rank = self.mesh["dp"].get_local_rank()
         self.cp_rank = self.mesh["cp"].get_local_rank()
         self.group = self.mesh["dp_cp"].get_group()  # ranks holding different tokens
-        self._check_shapes()
         self.model, self.attn = build_parallel_model(cfg, self.mesh, self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.data = build_dataset(cfg.data, self.model.cfg.vocab_size)
@@ -106,27 +102,6 @@ class Trainer:
         self.ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.train.out_dir) / "checkpoints")
         if cfg.checkpoint.enabled and cfg.checkpoint.resume:
             self.resume()
-
-    def _check_shapes(self) -> None:
-        c = self.cfg
-        for _, b, _ in c.data.curriculum:
-            _check_batch("data.curriculum batch_size", b, self.dims.dp)
-        _check_batch("data.batch_size", c.data.batch_size, self.dims.dp)
-        _check_batch("eval.batch_size", c.eval.batch_size, self.dims.dp)
-        if c.parallel.sequence_parallel and self.dims.tp > 1:
-            lens = [c.data.seq_len, c.eval.seq_len or c.data.seq_len]
-            for s in [st[0] for st in c.data.curriculum] + lens:
-                if s % (self.dims.cp * self.dims.tp):
-                    raise ValueError(
-                        f"sequence parallelism needs every sequence length ({s}) divisible "
-                        f"by cp * tp = {self.dims.cp * self.dims.tp}"
-                    )
-        for name in ("n_seqs", "periodic_n_seqs"):
-            if getattr(c.eval, name) % c.eval.batch_size:
-                raise ValueError(
-                    f"eval.{name} ({getattr(c.eval, name)}) must be a multiple of "
-                    f"eval.batch_size ({c.eval.batch_size})"
-                )
 
     # -------------------------------------------------------------------------- one step
 
@@ -153,12 +128,16 @@ class Trainer:
         loss_sum = F.cross_entropy(
             logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum"
         )
-        mask = labels != IGNORE
-        correct = (logits.argmax(-1)[mask] == labels[mask]).sum()
+        # a masked sum, not boolean indexing: indexing sizes its output from the mask's
+        # values, a host sync per step
+        correct = ((logits.argmax(-1) == labels) & (labels != IGNORE)).sum()
         return loss_sum, correct
 
     def _reduce(self, *values) -> list[float]:
-        t = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values]).to(self.device)
+        # made on the collective's device (NCCL takes no CPU tensors)
+        t = torch.stack(
+            [torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values]
+        )
         dist.all_reduce(t, group=self.group)
         return t.tolist()
 
@@ -186,7 +165,7 @@ class Trainer:
         tokens = seq_len * batch_size
         flops = self.model.flops_per_token(seq_len) * tokens / dt / self.dims.world_size / 1e12
         return {
-            "step": step,
+            "step": step + 1,  # steps completed, as the console counts them
             "seq_len": seq_len,
             "batch_size": batch_size,
             "loss": loss / n_targets,
@@ -211,11 +190,11 @@ class Trainer:
         loss, correct, n = 0.0, 0.0, 0
         t0 = time.perf_counter()
         for batch in self.data.eval_batches(n_seqs or e.n_seqs, e.batch_size, seq_len, e.seed):
-            l_sum, c = self._loss(batch)
-            loss, correct, n = loss + float(l_sum), correct + float(c), n + batch.n_targets
+            l_sum, c = self._loss(batch)  # summed on the device: no host sync per batch
+            loss, correct, n = loss + l_sum.double(), correct + c, n + batch.n_targets
         loss, correct = self._reduce(loss, correct)
         return {
-            "step": self.step - 1,  # index of the last completed step, as in training rows
+            "step": self.step,  # steps completed, as in training rows
             "eval_seq_len": seq_len,
             "eval_targets": n,
             "eval_loss": loss / max(n, 1),
@@ -242,8 +221,12 @@ class Trainer:
     # -------------------------------------------------------------------------- the loop
 
     def fit(self) -> dict:
-        """Train to ``train.steps``; returns a summary (the same on every rank)."""
+        """Train to ``train.steps``; returns a summary (the same on every rank). A run
+        resumed at or past ``train.steps`` does nothing: no training, eval or checkpoint, and
+        its log is left as it was (``summary["nothing_to_do"]``)."""
         c = self.cfg
+        if self.step >= c.train.steps:
+            return self._nothing_to_do()
         out = Path(c.train.out_dir)
         lead = self.rank == 0
         log = MetricsLog(out / "metrics.jsonl" if lead else None, start_step=self.step)
@@ -273,11 +256,19 @@ class Trainer:
         ev = self.evaluate(n_seqs or None)
         log.write(ev)
         bar.message(
-            f"eval after step {ev['step'] + 1}: seq {ev['eval_seq_len']}, "
+            f"eval after step {ev['step']}: seq {ev['eval_seq_len']}, "
             f"loss {ev['eval_loss']:.4f}, accuracy {ev['eval_acc']:.3f} "
             f"over {ev['eval_targets']} targets"
         )
         return ev
+
+    def _nothing_to_do(self) -> dict:
+        return {
+            "steps": self.step,
+            "losses": [],
+            "nothing_to_do": True,
+            "checkpoint": str(latest_checkpoint(self.ckpt_dir) or ""),
+        }
 
     def _summary(self, rows: list[dict], evals: list[dict], elapsed: float, log) -> dict:
         peaks = [None] * self.dims.world_size

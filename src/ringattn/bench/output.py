@@ -1,0 +1,177 @@
+"""What every ``ringattn bench`` command writes: the machine stamp, rows as JSON lines
+(``--out``), markdown tables on stdout (``--md``), and PNG figures (``--png``).
+
+A benchmark *row* is a flat dict: the problem (world, layout, causal, dtype, seq, batch, heads,
+kv_heads, head_dim, kernel, ...) plus what was measured. The table printed on stdout is a
+view of the same rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+# --- the machine ----------------------------------------------------------------------------
+
+
+def cores() -> int:
+    """CPU cores this process may run on (what W local ranks share)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1  # not Linux
+
+
+def machine() -> dict:
+    """What a row was measured on; the load average says how busy the box was meanwhile."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return dict(cpu=cpu, cores=cores(), torch=torch.__version__, cuda=cuda, loadavg_1m=load)
+
+
+def machine_line(m: dict | None = None) -> str:
+    m = m or machine()
+    dev = f", GPU {m['cuda']}" if m.get("cuda") else ", no GPU"
+    load = f", load avg {m['loadavg_1m']:.1f}" if m.get("loadavg_1m") is not None else ""
+    return f"{m['cpu']}, {m['cores']} cores{dev}, torch {m['torch']}{load}"
+
+
+def stamp(rows: list[dict], bench: str, **extra) -> list[dict]:
+    """Each row with the benchmark's name and the machine (one stamp per run)."""
+    m = machine()
+    return [dict(r, bench=bench, machine=m, **extra) for r in rows]
+
+
+# --- output ---------------------------------------------------------------------------------
+
+
+def add_output_args(p: argparse.ArgumentParser, name: str | None) -> None:
+    """``--out`` (JSON lines, appended; ``name=None``: stdout), ``--png`` and ``--md``."""
+    out = f"runs/bench/{name}.jsonl" if name else None
+    p.add_argument("--out", default=out, help=f"append JSON lines here (default {out or 'stdout'})")
+    p.add_argument("--png", default=None, help="write the plot here")
+    p.add_argument("--md", default=None, help="also write the markdown table here")
+
+
+def write_rows(rows: Iterable[dict], path: str | None) -> None:
+    """Append rows as JSON lines (``None`` or ``'-'``: write nothing)."""
+    if not path or path == "-":
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def row_sink(path: str | None) -> Callable[[dict], None]:
+    """Writes each row as soon as it is measured: to ``path``, or on stdout without one."""
+    if path:
+        return lambda row: write_rows([row], path)
+    return lambda row: print(json.dumps(row), flush=True)
+
+
+def read_rows(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+Column = tuple[str, str, "str | Callable[[dict], str]"]
+
+
+def columns(spec: str, **fmts) -> list[Column]:
+    """Table columns from ``"key=header:format; ..."``: ``format`` is a ``str.format`` spec
+    for ``row[key]`` (none: ``{}``); ``fmts[key]``, a function of the row, replaces it."""
+    out = []
+    for item in filter(None, (s.strip() for s in spec.split(";"))):
+        key, _, rest = item.partition("=")
+        head, _, fmt = rest.rpartition(":") if ":" in rest else (rest, "", "")
+        out.append((key, head, fmts.get(key) or ("{:" + fmt + "}" if fmt else "{}")))
+    return out
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[Column]) -> str:
+    """``columns``: (key, header, format) where format is a ``str.format`` pattern applied to
+    ``row[key]`` or a function of the whole row; a missing value prints as ``-``."""
+
+    def cell(r: dict, key: str, fmt) -> str:
+        if callable(fmt):
+            return fmt(r)
+        v = r.get(key)
+        return "-" if v is None else fmt.format(v)
+
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(cell(r, k, f) for k, _, f in columns) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def report(rows: list[dict], tables: str, args, notes: str = "", plot=None) -> int:
+    """Write the JSON lines, the optional markdown file and ``plot(rows, args.png)``; print
+    the tables on stdout. Returns 0 (a command's exit code)."""
+    write_rows(rows, args.out)
+    text = tables + (f"\n\n{notes}" if notes else "")
+    print(text)
+    if getattr(args, "md", None):
+        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.md).write_text(text + "\n")
+    if args.out and args.out != "-":
+        print(f"\nrows appended to {args.out}", file=sys.stderr)
+    if plot is not None and getattr(args, "png", None):
+        plot(rows, args.png)
+    return 0
+
+
+def pyplot():
+    """matplotlib.pyplot with the file-only Agg backend (imported only when plotting)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def figure(ncols: int, figsize: tuple[float, float]):
+    """A figure with ``ncols`` subplots side by side: (fig, axes), one ``ax`` for 1."""
+    return pyplot().subplots(1, ncols, figsize=figsize)
+
+
+def style(ax, xlabel: str, ylabel: str, title=None, logx=None, logy=None, ticks=None, legend=8):
+    """Labels, log scales (``logx``/``logy``: the base, 10 or 2), integer x ticks, grid and
+    legend (its font size; 0: none) of one subplot."""
+    if logx:
+        ax.set_xscale("log", base=logx)
+    if logy:
+        ax.set_yscale("log", base=logy)
+    if ticks:
+        ax.set_xticks(ticks, [str(x) for x in ticks])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=legend)
+
+
+def save(fig, path: str, title_note: str | None = None) -> None:
+    """Save ``fig`` as a PNG; ``title_note`` (e.g. the machine) goes under the plots."""
+    if title_note:
+        fig.text(0.5, 0.005, title_note, ha="center", va="bottom", fontsize=7, color="0.35")
+        fig.tight_layout(rect=(0, 0.03, 1, 1))
+    else:
+        fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    print(f"wrote {path}", file=sys.stderr)
