@@ -14,22 +14,22 @@ one cut to fit (no padding). For contiguous, zigzag, striped and "packed"
   with ``--ring`` also the real ring on W local gloo ranks (each rank's own CPU seconds);
 - **balancer speed**: milliseconds to build the "packed" layout for 10^4 documents.
 
-Pure functions return rows; :func:`main` prints a markdown table, appends JSON lines and
-draws the PNG.
+Pure functions return rows; :func:`main` checks the arguments, then writes through the
+harness (:mod:`.output`: JSON lines, markdown tables, the PNG).
 """
 
 from __future__ import annotations
 
 import argparse
 import random
-import time
 
 import torch
 
 from ..balance import MIN_DOC, lognormal_pack, packed_runs
 from ..kernels import fused
 from ..mask_plan import mask_flops, plan_flops, ring_mask_plan
-from .common import add_output_args, machine, machine_line, markdown_table, pyplot, report, save
+from . import harness as h
+from . import output
 
 LAYOUTS = ("contiguous", "zigzag", "striped", "packed")
 
@@ -83,13 +83,7 @@ def replay_rank(plan, n: int, heads: int, head_dim: int, repeats: int) -> float:
             out, lse = fused.cpu_forward(qb, kb, vb, **kw)
             fused.cpu_backward(do[:, :, w.q], qb, kb, vb, out, lse, **kw)
 
-    once()  # warm-up
-    best = float("inf")
-    for _ in range(max(repeats, 1)):
-        c0 = time.process_time()
-        once()
-        best = min(best, time.process_time() - c0)
-    return best
+    return h.timed(once, repeats)[0]["cpu_s"]  # best CPU s after a warm-up
 
 
 def time_rows(seq, worlds, seed, *, median=1024.0, sigma=1.5, heads=4, head_dim=64, repeats=2):
@@ -109,44 +103,41 @@ def time_rows(seq, worlds, seed, *, median=1024.0, sigma=1.5, heads=4, head_dim=
     return rows
 
 
-def _ring_main(seq: int, cu: tuple, heads: int, head_dim: int, repeats: int) -> list[dict]:
+def _ring_rank(rank: int, world: int, seq: int, cu: tuple, heads, head_dim, repeats):
     """On every launched rank: fwd+bwd of the real ring per layout; this rank's CPU and wall
-    seconds (best of ``repeats`` after a warm-up)."""
-    import torch.distributed as dist
-
+    seconds (the call with the least CPU time of ``repeats``, after a warm-up)."""
     from ..cp import context_parallel_attention
-    from ..launch import init_distributed
     from ..layouts import shard
 
-    rank, world, _ = init_distributed(threads=1, device="cpu")
     g = torch.Generator().manual_seed(0)
     full = [torch.randn(1, seq, heads, head_dim, generator=g) for _ in range(4)]
-    out = []
+    cu_t, out = torch.tensor(cu), []
     for layout in LAYOUTS:
         q, k, v, do = (shard(x, layout, rank=rank, world_size=world, cu_seqlens=cu) for x in full)
-        best = (float("inf"), float("inf"))
-        for _ in range(repeats + 1):  # the first run warms up (plans, gloo pairs)
+
+        def run(layout=layout, q=q, k=k, v=v, do=do) -> dict:
             ql, kl, vl = (x.clone().requires_grad_() for x in (q, k, v))
-            dist.barrier()
-            c0, t0 = time.process_time(), time.perf_counter()
-            o = context_parallel_attention(
-                ql, kl, vl, causal=True, layout=layout, cu_seqlens=torch.tensor(cu)
-            )
-            o.backward(do)
-            best = min(best, (time.process_time() - c0, time.perf_counter() - t0))
-        out.append(dict(layout=layout, cpu_s=best[0], wall_s=best[1]))
+            h.barrier()
+            m: dict = {}
+            with h.clock(m):
+                o = context_parallel_attention(
+                    ql, kl, vl, causal=True, layout=layout, cu_seqlens=cu_t
+                )
+                o.backward(do)
+            return m
+
+        best = h.timed(run, repeats)[0]  # the warm-up builds the plans and gloo pairs
+        out.append(dict(layout=layout, cpu_s=best["cpu_s"], wall_s=best["wall_s"]))
     return out
 
 
 def ring_rows(seq, worlds, seed, *, median=1024.0, sigma=1.5, heads=4, head_dim=64, repeats=2):
     """One row per (W, layout): the real ring on W local gloo ranks, each rank's fwd+bwd CPU
     seconds (compute and its share of gloo's copies; ranks share the machine's cores)."""
-    from ..launch import launch
-
     cu = lognormal_pack(seq, seed, median, sigma)
     rows = []
     for world in worlds:
-        per_rank = launch(_ring_main, world, seq, cu, heads, head_dim, repeats)
+        per_rank = h.run_ranks(_ring_rank, world, seq, cu, heads, head_dim, repeats, here=False)
         for i, layout in enumerate(LAYOUTS):
             cpu = [per_rank[r][i]["cpu_s"] for r in range(world)]
             rows.append(
@@ -166,12 +157,12 @@ def speed_row(n_docs: int = 10_000, world: int = 8, repeats: int = 20) -> dict:
     for _ in range(n_docs):
         cu.append(cu[-1] + rng.randint(1, 64))
     cu[-1] += -cu[-1] % world
-    best = float("inf")
-    for _ in range(repeats):
+
+    def build() -> None:  # from scratch: the layout is cached per (cu_seqlens, W)
         packed_runs.cache_clear()
-        t0 = time.process_time()
         packed_runs(tuple(cu), world)
-        best = min(best, time.process_time() - t0)
+
+    best = h.timed(build, repeats, warmup=0)[0]["cpu_s"]
     return dict(kind="speed", n_docs=n_docs, world=world, seq=cu[-1], balance_ms=best * 1e3)
 
 
@@ -191,81 +182,94 @@ TIME_COLUMNS = [
 ]  # fmt: skip
 
 
-def plot(rows: list[dict], path: str) -> None:
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
-    for ax, kind, key, label in (
-        (axes[0], "flops", "flops_max_over_min", "FLOPs max/min (mask_plan, worst pack)"),
-        (axes[1], "time", "time_max_over_min", "fwd+bwd time max/min (replayed plans)"),
-    ):
-        sub = [r for r in rows if r["kind"] == kind]
-        worlds = sorted({r["world"] for r in sub})
-        width = 0.8 / len(LAYOUTS)
-        for i, layout in enumerate(LAYOUTS):
-            ys = [
-                max(r[key] for r in sub if r["world"] == w and r["layout"] == layout)
-                for w in worlds
-            ]
-            xs = [x + (i - 1.5) * width for x in range(len(worlds))]
-            ax.bar(xs, ys, width, label=layout)
-        ax.set_yscale("log")
-        ax.axhline(1.05 if kind == "flops" else 1.10, color="k", lw=0.8, ls="--")
-        ax.set_xticks(range(len(worlds)), [f"W={w}" for w in worlds])
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=8)
-    sub = [r for r in rows if r["kind"] == "time"]
+def _bars(ax, sub: list[dict], value) -> list[int]:
+    """One bar per (W, layout) of ``value(row)`` (the worst pack when several); the W's."""
     worlds = sorted({r["world"] for r in sub})
-    for i, layout in enumerate(LAYOUTS):  # the slowest rank sets the pace of the ring
-        ys = [max(r["fwdbwd_cpu_s_per_rank"]) for w in worlds for r in sub
-              if r["world"] == w and r["layout"] == layout]  # fmt: skip
-        axes[2].bar([x + (i - 1.5) * 0.2 for x in range(len(worlds))], ys, 0.2, label=layout)
-    axes[2].set_xticks(range(len(worlds)), [f"W={w}" for w in worlds])
-    axes[2].set_ylabel("slowest rank, fwd+bwd CPU s (replayed)")
-    axes[2].grid(alpha=0.3, axis="y")
-    axes[2].legend(fontsize=8)
+    width = 0.8 / len(LAYOUTS)
+    for i, layout in enumerate(LAYOUTS):
+        ys = [max(value(r) for r in sub if r["world"] == w and r["layout"] == layout)
+              for w in worlds]  # fmt: skip
+        xs = [x + (i - (len(LAYOUTS) - 1) / 2) * width for x in range(len(worlds))]
+        ax.bar(xs, ys, width, label=layout)
+    ax.set_xticks(range(len(worlds)), [f"W={w}" for w in worlds])
+    return worlds
+
+
+def plot(rows: list[dict], path: str) -> None:
+    fig, axes = output.figure(3, figsize=(15, 3.8))
+    for ax, kind, key, label, target in (
+        (axes[0], "flops", "flops_max_over_min", "FLOPs max/min (mask_plan, worst pack)", 1.05),
+        (axes[1], "time", "time_max_over_min", "fwd+bwd time max/min (replayed plans)", 1.10),
+    ):
+        _bars(ax, [r for r in rows if r["kind"] == kind], lambda r, key=key: r[key])
+        ax.set_yscale("log")
+        ax.axhline(target, color="k", lw=0.8, ls="--")
+        output.style(ax, "", label)
+    # the slowest rank sets the pace of the ring
+    _bars(axes[2], [r for r in rows if r["kind"] == "time"],
+          lambda r: max(r["fwdbwd_cpu_s_per_rank"]))  # fmt: skip
+    output.style(axes[2], "", "slowest rank, fwd+bwd CPU s (replayed)")
     fig.suptitle("packed documents (lognormal lengths): load balance per layout", fontsize=10)
-    save(fig, path, machine_line(rows[0].get("machine")))
+    output.save(fig, path, output.machine_line(rows[0].get("machine")))
+
+
+def non_negative(text: str) -> int:
+    """argparse type: an int >= 0 (``--time-seq 0`` skips the timing)."""
+    return 0 if text.strip() == "0" else h.positive(text)
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """In the parent, before any rank starts: every pack must split over every W in every
+    layout (zigzag: into 2W chunks); ``p.error`` (one line, exit 2) names the option."""
+    probs = [(s, w, "--seq", "--world") for s in args.seq for w in args.world]
+    if args.time_seq:
+        probs += [(args.time_seq, w, "--time-seq", "--time-world") for w in args.time_world]
+    for seq, world, seq_opt, world_opt in probs:
+        rows = [h.problem(world=world, seq=seq, layout=lay) for lay in LAYOUTS]
+        h.check_problems(p, rows, seq_opt=seq_opt, world_opt=world_opt)
+    if not args.sigma >= 0 or not args.median >= 1:
+        p.error(f"--median {args.median:g} / --sigma {args.sigma:g}: use a median >= 1 token "
+                "and a sigma >= 0 (lognormal document lengths)")  # fmt: skip
+
+
+NOTES = (
+    "Lognormal documents (median {median:g}, sigma {sigma:g}, {min_doc} tokens to the pack), "
+    "causal, no padding. FLOPs: mask_plan.mask_flops, fwd+bwd, 8 heads x 64; saved = 1 - "
+    "document-masked / full causal FLOPs. Time: each rank's ring plan replayed (fwd+bwd "
+    "kernel calls, fp32, 4 heads x 64), CPU s, best of {repeats}; gloo ring (--ring): the "
+    "real ring on W local ranks, each rank's own CPU s (compute + its share of gloo's "
+    "copies). Balancer: {balance_ms:.2f} ms CPU for {n_docs} documents at W={world}."
+)
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="ringattn bench packed", description=__doc__)
-    p.add_argument("--seq", type=int, nargs="+", default=[32768, 65536, 131072])
-    p.add_argument("--world", type=int, nargs="+", default=[2, 4, 8])
-    p.add_argument("--seeds", type=int, default=2, help="packs per length")
+    p = h.parser("bench packed", __doc__)
+    p.add_argument("--seq", type=h.positive, nargs="+", default=[32768, 65536, 131072])
+    p.add_argument("--world", type=h.positive, nargs="+", default=[2, 4, 8])
+    p.add_argument("--seeds", type=h.positive, default=2, help="packs per length")
     p.add_argument("--median", type=float, default=1024.0)
     p.add_argument("--sigma", type=float, default=1.5)
-    p.add_argument("--time-seq", type=int, default=16384, help="pack measured (0: skip)")
-    p.add_argument("--time-world", type=int, nargs="+", default=[4, 8])
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--time-seq", type=non_negative, default=16384, help="pack measured (0: skip)")
+    p.add_argument("--time-world", type=h.positive, nargs="+", default=[4, 8])
+    p.add_argument("--repeats", type=h.positive, default=2, help="timed runs after a warm-up")
     p.add_argument("--ring", action="store_true", help="also time the real ring (gloo ranks)")
-    add_output_args(p, "packed")
+    output.add_output_args(p, "packed")
     args = p.parse_args(argv)
+    check_args(p, args)
     dist = dict(median=args.median, sigma=args.sigma)
     rows = flops_rows(args.seq, args.world, range(args.seeds), **dist)
     if args.time_seq:
         rows += time_rows(args.time_seq, args.time_world, 0, repeats=args.repeats, **dist)
         if args.ring:
             rows += ring_rows(args.time_seq, args.time_world, 0, repeats=args.repeats, **dist)
-    rows.append(speed_row())
-    m = machine()
-    rows = [dict(r, bench="packed", machine=m) for r in rows]
+    rows = output.stamp([*rows, speed_row()], "packed")
     fl = [r for r in rows if r["kind"] == "flops"]
     tm = [r for r in rows if r["kind"] in ("time", "ring")]
-    sp = rows[-1]
-    table = markdown_table(fl, FLOP_COLUMNS)
+    table = output.markdown_table(fl, FLOP_COLUMNS)
     if tm:
-        table += "\n\n" + markdown_table(tm, TIME_COLUMNS)
-    notes = (
-        f"Lognormal documents (median {args.median:g}, sigma {args.sigma:g}, {MIN_DOC} tokens "
-        "to the pack), causal, no padding. FLOPs: mask_plan.mask_flops, fwd+bwd, 8 heads x "
-        "64; saved = 1 - document-masked / full causal FLOPs. Time: each rank's ring plan "
-        "replayed (fwd+bwd kernel calls, fp32, 4 heads x 64), CPU s, best of "
-        f"{args.repeats}; gloo ring (--ring): the real ring on W local ranks, each rank's "
-        "own CPU s (compute + its share of gloo's copies). Balancer: "
-        f"{sp['balance_ms']:.2f} ms CPU for {sp['n_docs']} documents at W={sp['world']}."
-    )
-    report(rows, table, args, notes)
-    if args.png:
-        plot(rows, args.png)
-    return 0
+        table += "\n\n" + output.markdown_table(tm, TIME_COLUMNS)
+    sp = rows[-1]  # the balancer's speed
+    notes = NOTES.format(median=args.median, sigma=args.sigma, min_doc=MIN_DOC,
+                         repeats=args.repeats, balance_ms=sp["balance_ms"],
+                         n_docs=sp["n_docs"], world=sp["world"])  # fmt: skip
+    return output.report(rows, table, args, notes, plot)
