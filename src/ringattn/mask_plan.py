@@ -262,6 +262,7 @@ def ring_mask_plan(
     tile: int | None = MASK_TILE,
     device: str = "cpu",
     rows: int = 1,
+    shortcut: bool = True,
 ) -> RingPlan:
     """The ring plan of ``rank`` in a ring of ``world`` ranks, each holding ``n`` tokens.
 
@@ -269,9 +270,10 @@ def ring_mask_plan(
     ``r*group .. r*group+group-1`` of ``layout`` over ``world * group`` ranks, n tokens in all.
     With ``rows`` > 1, the n tokens are ``rows`` batch rows of n / rows tokens laid end to
     end (see :func:`group_positions`; ``cu`` must then separate the rows). The plan has the
-    same length T <= world on every rank; empty steps are skipped.
+    same length T <= world on every rank; empty steps are skipped. ``shortcut=False``: search
+    the positions even without documents or a window (every slice then has both ends).
     """
-    if cu is None and window is None and group == 1 and rows == 1:
+    if shortcut and cu is None and window is None and group == 1 and rows == 1:
         return ring_plan(layout, causal, rank, world, n)  # the same plan, without the search
     seq = n // rows * world
     pos = [group_positions(seq, layout, world * group, group, r, rows, cu) for r in range(world)]
@@ -281,23 +283,14 @@ def ring_mask_plan(
 
 
 @functools.lru_cache(maxsize=256)
-def source_plan(
-    layout: str,
-    world: int,
-    rank: int,
-    n: int,
-    *,
-    causal: bool,
-    cu: CuSeqlens = None,
-    window: Window = None,
-    tile: int | None = MASK_TILE,
-    device: str = "cpu",
-) -> tuple[tuple[BlockWork, ...], ...]:
-    """All-gather plan: for each source rank j, this rank's works against j's K/V block."""
-    seq = n * world
-    pos = [local_indices(seq, layout, r, world, cu_seqlens=cu) for r in range(world)]
-    kw = dict(causal=causal, cu=cu, window=window, tile=tile, device=torch.device(device))
-    return tuple(block_works(pos[rank], pos[j], **kw) for j in range(world))
+def source_plan(layout: str, world: int, rank: int, n: int, **kw) -> RingPlan:
+    """All-gather plan: for each source rank j, this rank's works against j's K/V block.
+
+    The ring plan's steps by source (ring step i holds the K/V of rank (rank - i) % W; the
+    steps the ring truncates have no work). ``kw``: the options of :func:`ring_mask_plan`."""
+    ring = ring_mask_plan(layout, world, rank, n, shortcut=False, **kw)
+    steps = ((rank - j) % world for j in range(world))
+    return tuple(ring[i] if i < len(ring) else () for i in steps)
 
 
 # ----------------------------------------------------------------------------- FLOPs

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from ringattn.balance import lognormal_pack, rank_work, tri
-from ringattn.plan import cost
+from ringattn.plan import step
 from ringattn.plan.cli import plan_main, simulate_main
 from ringattn.plan.hardware import HARDWARE
 from ringattn.plan.simulate import BWD_FLOPS_FACTOR, simulate
@@ -59,17 +59,17 @@ def test_planner_uses_document_work():
     seq = 32768
     cu = lognormal_pack(seq, 0)
     kw = dict(cp=8, strategy="ring")
-    plain = cost.predict_step(cfg, NVLINK, seq, layout="zigzag", **kw)
-    zig = cost.predict_step(cfg, NVLINK, seq, layout="zigzag", cu_seqlens=cu, **kw)
-    packed = cost.predict_step(cfg, NVLINK, seq, layout="packed", cu_seqlens=cu, **kw)
+    plain = step.predict_step(cfg, NVLINK, seq, layout="zigzag", **kw)
+    zig = step.predict_step(cfg, NVLINK, seq, layout="zigzag", cu_seqlens=cu, **kw)
+    packed = step.predict_step(cfg, NVLINK, seq, layout="packed", cu_seqlens=cu, **kw)
     pairs = sum(tri(b - a) for a, b in zip(cu[:-1], cu[1:]))
-    assert cost.attention_pairs(seq, True, cu) == pairs
+    assert step.attention_pairs(seq, True, cu) == pairs
     assert zig.model_flops == packed.model_flops < plain.model_flops
     assert packed.attention_s < zig.attention_s  # the busiest rank sets the pace
-    ag = cost.predict_step(
+    ag = step.predict_step(
         cfg, NVLINK, seq, layout="zigzag", cu_seqlens=cu, cp=8, strategy="allgather"
     )
-    agp = cost.predict_step(
+    agp = step.predict_step(
         cfg, NVLINK, seq, layout="packed", cu_seqlens=cu, cp=8, strategy="allgather"
     )
     assert agp.attention_s < ag.attention_s

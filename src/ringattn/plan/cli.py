@@ -17,7 +17,7 @@ import sys
 from dataclasses import replace
 
 from ringattn.model.config import PRESETS, get_preset
-from ringattn.plan import cost
+from ringattn.plan import cost, step
 from ringattn.plan.hardware import HARDWARE, Hardware, get_hardware
 from ringattn.plan.simulate import LAYOUTS, simulate, to_png
 
@@ -173,7 +173,7 @@ def _plan(a: argparse.Namespace) -> dict:
         step_kw = {k: kw[k] for k in ("batch", "dp", "tp", "strategy", "checkpointing")}
         cu = _cu_seqlens(a, seq)
         out["docs"] = None if cu is None else len(cu) - 1
-        out["step"] = cost.predict_step(
+        out["step"] = step.predict_step(
             cfg, hw, seq, cp=cp, layout=a.layout, causal=a.causal, cu_seqlens=cu, **step_kw
         ).as_dict()
     return out

@@ -1,4 +1,5 @@
-"""Analytic cost model: minimal block size, per-device memory, max context, step time.
+"""Analytic cost model: minimal block size, per-device memory, max context (step time:
+:mod:`ringattn.plan.step`).
 
 All byte counts are per device. Conventions (docs/planner.md derives each formula):
 
@@ -14,17 +15,15 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from ringattn.mask_plan import mask_flops
 from ringattn.model.config import ModelConfig
 from ringattn.plan.hardware import HARDWARE, Hardware
-from ringattn.plan.simulate import BWD_FLOPS_FACTOR, simulate
+from ringattn.plan.simulate import BWD_FLOPS_FACTOR
 
 __all__ = [
     "MIN_SEQ_BLOCKS",
     "PAPER_HARDWARE",
     "STRATEGIES",
     "MemoryBreakdown",
-    "StepEstimate",
     "layer_activation_elems",
     "max_context",
     "memory_breakdown",
@@ -32,7 +31,6 @@ __all__ = [
     "min_block_size_precise",
     "min_seq_per_device",
     "paper_table",
-    "predict_step",
     "vanilla_activation_bytes",
 ]
 
@@ -301,162 +299,3 @@ def max_context(
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo * align
-
-
-# --- step time ----------------------------------------------------------------------------
-
-
-@dataclass
-class StepEstimate:
-    """Predicted time of one training step (one micro-batch) on one device, in seconds."""
-
-    seq: int
-    step_s: float
-    attention_s: float  # all layers, forward + backward (+ recomputed forward)
-    linear_s: float  # projections, FFN and output head
-    exposed_comm_s: float  # attention communication not hidden behind compute
-    model_flops: float  # per device, no recomputation
-    mfu: float
-    tokens_per_s: float  # global: batch * dp * seq / step_s
-    attention_layer: dict  # the simulator's (or closed form's) per-layer summary
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def attention_pairs(seq: int, causal: bool, cu_seqlens=None) -> float:
-    """Allowed (query, key) pairs of one sequence: S(S+1)/2 causal, S^2 full, and per
-    document (sum over documents of L(L+1)/2 or L^2) with ``cu_seqlens``."""
-    if cu_seqlens is None:
-        return seq * (seq + 1) / 2 if causal else float(seq) ** 2
-    cu = [int(c) for c in cu_seqlens]
-    lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
-    return float(sum(n * (n + 1) // 2 if causal else n * n for n in lens))
-
-
-def _attention_layer(
-    cfg: ModelConfig,
-    hw: Hardware,
-    seq: int,
-    *,
-    batch: int,
-    cp: int,
-    tp: int,
-    strategy: str,
-    layout: str,
-    causal: bool,
-    cu_seqlens=None,
-) -> dict:
-    """Per-layer attention fwd/bwd seconds and exposed communication. With ``cu_seqlens``
-    (packed documents) the work per rank and step comes from the real mask (mask_plan)."""
-    hd = cfg.head_dim
-    heads, kv_heads = cfg.n_heads // tp, max(cfg.kv_heads // tp, 1)
-    if strategy == "ring":
-        r = simulate(
-            cp,
-            seq,
-            hw,
-            layout=layout,
-            causal=causal,
-            batch=batch,
-            heads=heads,
-            kv_heads=kv_heads,
-            head_dim=hd,
-            record=False,
-            cu_seqlens=cu_seqlens,
-        )
-        return {"model": "simulator", **r.to_dict(per_rank=False)}
-    # All-gather and Ulysses: communication not overlapped (closed form). Ulysses splits
-    # heads, so its compute is balanced; all-gather's busiest rank sets the pace.
-    busiest = attention_pairs(seq, causal, cu_seqlens) / cp
-    if strategy == "allgather" and cu_seqlens is not None and cp > 1:
-        busiest = max(mask_flops(layout, cp, seq, causal=causal, cu_seqlens=cu_seqlens)) / 4
-    fwd_c = 4.0 * batch * heads * hd * busiest / (hw.flops * hw.efficiency)
-    c, lat = seq / cp, hw.latency_s * (cp - 1)
-    kv_bytes = 2 * batch * c * kv_heads * hd * 2
-    if strategy == "allgather":
-        comm_f = lat + (cp - 1) * kv_bytes / hw.link_bw  # ring all-gather of K, V
-        comm_b = comm_f + lat + (cp - 1) * 2 * kv_bytes / hw.link_bw  # re-gather + fp32 RS
-    else:  # ulysses: q, k, v in and out back; dout in and dq, dk, dv back
-        a2a = batch * c * (2 * heads + 2 * kv_heads) * hd * 2 * (cp - 1) / cp / hw.link_bw
-        comm_f = comm_b = 2 * lat + a2a
-    if cp == 1:
-        comm_f = comm_b = 0.0
-    fwd_s, bwd_s = fwd_c + comm_f, BWD_FLOPS_FACTOR * fwd_c + comm_b
-    return {
-        "model": "closed form",
-        "fwd_s": fwd_s,
-        "bwd_s": bwd_s,
-        "fwd_exposed_s": comm_f,
-        "bwd_exposed_s": comm_b,
-    }
-
-
-def predict_step(
-    cfg: ModelConfig,
-    hw: Hardware,
-    seq: int,
-    *,
-    batch: int = 1,
-    dp: int = 1,
-    cp: int = 1,
-    tp: int = 1,
-    strategy: str = "ring",
-    layout: str = "zigzag",
-    causal: bool = True,
-    checkpointing: str = "full",
-    cu_seqlens=None,
-) -> StepEstimate:
-    """Step time and MFU: attention from the simulator, GEMMs at ``hw.matmul_efficiency``.
-
-    ``cu_seqlens``: packed documents (global boundaries of one sequence); attention work,
-    per rank and step, then comes from the real mask (any layout, "packed" included).
-
-    Not modelled (assumed hidden behind compute): FSDP all-gather/reduce-scatter, dp gradient
-    reduction, tp collectives, norms, RoPE, the optimizer step.
-    """
-    _check_parallel(cfg, cp, tp, strategy, checkpointing)
-    layer = _attention_layer(
-        cfg,
-        hw,
-        seq,
-        batch=batch,
-        cp=cp,
-        tp=tp,
-        strategy=strategy,
-        layout=layout,
-        causal=causal,
-        cu_seqlens=cu_seqlens,
-    )
-    recompute = checkpointing == "full"
-    n_layers = cfg.n_layers
-    attention_s = n_layers * (layer["fwd_s"] * (2 if recompute else 1) + layer["bwd_s"])
-    exposed = n_layers * (layer["fwd_exposed_s"] * (2 if recompute else 1) + layer["bwd_exposed_s"])
-
-    tokens = batch * seq / cp
-    layer_mm = _layer_params(cfg) - 2 * cfg.dim  # the norms are not matmuls
-    head_mm = cfg.vocab_size * cfg.dim
-    mm_params = (n_layers * layer_mm + head_mm) / tp
-    linear_flops = 6 * tokens * mm_params  # forward 2, backward 4 FLOPs per param per token
-    hw_flops = linear_flops
-    if recompute:
-        hw_flops += 2 * tokens * n_layers * layer_mm / tp
-    if cfg.ffn_chunk is not None:  # blockwise FFN recomputes w1 x and w3 x in backward
-        hw_flops += 2 * tokens * n_layers * 2 * cfg.dim * cfg.hidden / tp
-    linear_s = hw_flops / (hw.flops * hw.matmul_efficiency)
-
-    pairs = attention_pairs(seq, causal, cu_seqlens)
-    attn_model = 3 * 4.0 * batch * (cfg.n_heads // tp) * cfg.head_dim * pairs / cp
-    model_flops = linear_flops + n_layers * attn_model
-    step_s = attention_s + linear_s
-    return StepEstimate(
-        seq=seq,
-        step_s=step_s,
-        attention_s=attention_s,
-        linear_s=linear_s,
-        exposed_comm_s=exposed,
-        model_flops=model_flops,
-        mfu=model_flops / (step_s * hw.flops),
-        tokens_per_s=batch * dp * seq / step_s,
-        attention_layer=layer,
-    )
