@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 # ``all``: every command at its small defaults, outputs under one folder.
-ALL_ORDER = ("calibrate", "scaling", "weak", "memory", "layouts", "peers")
+ALL_ORDER = ("calibrate", "scaling", "weak", "memory", "layouts", "peers", "packed")
 
 USAGE = (
     "usage: ringattn bench {"
