@@ -22,9 +22,10 @@ import operator
 
 import torch
 
+from .balance import PACKED
 from .comm import Ring, world_of
 from .kernels import Kernel, get_kernel
-from .layouts import LAYOUTS
+from .layouts import ALL_LAYOUTS
 from .mask_plan import ring_mask_plan
 from .ring import ring_pass
 from .strategies import allgather_attention, hybrid_attention, ulysses_attention
@@ -176,7 +177,10 @@ def context_parallel_attention(
         causal: causal mask in GLOBAL token positions.
         softmax_scale: defaults to ``d ** -0.5``.
         layout: "zigzag" (default: equal causal work on every rank, see
-            :func:`ringattn.ring_attention`), "contiguous" or "striped".
+            :func:`ringattn.ring_attention`), "contiguous", "striped", or "packed"
+            (:mod:`ringattn.balance`: balanced for the documents of ``cu_seqlens``; shard
+            with ``ringattn.shard(x, "packed", ..., cu_seqlens=cu_seqlens)``, row by row for
+            a list of per-row ``cu_seqlens``).
         group: process group (default: the world; one process without torch.distributed).
         mesh: for "hybrid": a 2-D DeviceMesh with dims named "ring" and "ulysses".
         cu_seqlens: (n_docs + 1,) int32, GLOBAL document boundaries, 0 first and the global
@@ -201,13 +205,19 @@ def context_parallel_attention(
     error, cu, win, kern, row_cus = None, None, None, None, None
     try:
         check_qkv(q, k, v, name=name)
-        check_layout_len(layout, q.shape[1], name=name)
+        if layout != PACKED:  # "packed" holds any s / W tokens; it needs the documents
+            check_layout_len(layout, q.shape[1], name=name)
         kern = get_kernel(kernel, q.device, q.dtype)
         if isinstance(cu_seqlens, (list, tuple)):
             row_cus = check_row_cu_seqlens(cu_seqlens, q.shape[0], world * q.shape[1], name=name)
             cu = _end_to_end(row_cus, world * q.shape[1])
         else:
             cu = check_cu_seqlens(cu_seqlens, world * q.shape[1], name=name)
+        if layout == PACKED and cu is None:
+            raise ValueError(
+                f"{name}: layout='packed' is built from the documents: pass cu_seqlens (the "
+                "one the inputs were sharded with), or use layout='zigzag' without documents"
+            )
         win = check_window(window, causal, name=name)
         check_heads(q.shape[2], ulysses, strategy=strategy, name=name)
     except ValueError as e:
@@ -219,7 +229,7 @@ def context_parallel_attention(
             *q.shape,
             k.shape[2],
             dtype_code(q.dtype),
-            LAYOUTS.index(layout),
+            ALL_LAYOUTS.index(layout),
             int(causal),
             STRATEGIES.index(strategy),
             *(win or (-1, -1)),

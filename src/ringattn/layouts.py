@@ -8,6 +8,10 @@ positions a rank needs are the same slice. Example, s = 8, W = 2:
     contiguous  rank0: 0 1 2 3        rank1: 4 5 6 7
     zigzag      rank0: 0 1 | 6 7      rank1: 2 3 | 4 5     (chunks r and 2W-1-r of 2W)
     striped     rank0: 0 2 4 6        rank1: 1 3 5 7       (tokens r, r+W, r+2W, ...)
+
+"packed" (:mod:`ringattn.balance`) is the fourth layout: it depends on the documents, so every
+function here takes ``cu_seqlens=`` and "packed" needs it. It is not in :data:`LAYOUTS` (the
+layouts that need nothing but the length); :data:`ALL_LAYOUTS` has all four.
 """
 
 from __future__ import annotations
@@ -17,12 +21,15 @@ import operator
 import torch
 import torch.distributed as dist
 
+from .balance import PACKED, check_packed, packed_indices
+
 LAYOUTS = ("contiguous", "zigzag", "striped")
+ALL_LAYOUTS = (*LAYOUTS, PACKED)
 
 
 def check_layout(layout: str) -> None:
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r} is unknown; choose one of {LAYOUTS}")
+    if layout not in ALL_LAYOUTS:
+        raise ValueError(f"layout={layout!r} is unknown; choose one of {ALL_LAYOUTS}")
 
 
 def _as_int(v) -> int | None:
@@ -46,9 +53,12 @@ def check_sizes(seq_len: int, world_size: int) -> None:
         )
 
 
-def check_divisible(seq_len: int, layout: str, world_size: int) -> None:
+def check_divisible(seq_len: int, layout: str, world_size: int, cu_seqlens=None) -> None:
     check_layout(layout)
     check_sizes(seq_len, world_size)
+    if layout == PACKED:
+        check_packed(cu_seqlens, seq_len, world_size)
+        return
     parts = 2 * world_size if layout == "zigzag" else world_size
     if seq_len % parts != 0:
         raise ValueError(
@@ -59,12 +69,15 @@ def check_divisible(seq_len: int, layout: str, world_size: int) -> None:
 
 
 def local_indices(
-    seq_len: int, layout: str, rank: int, world_size: int, device=None
+    seq_len: int, layout: str, rank: int, world_size: int, device=None, cu_seqlens=None
 ) -> torch.Tensor:
-    """Global token indices held by ``rank`` (long, (seq_len // world_size,)), in local order."""
-    check_divisible(seq_len, layout, world_size)
+    """Global token indices held by ``rank`` (long, (seq_len // world_size,)), in local order
+    (increasing in every layout but zigzag, whose two chunks are each increasing)."""
+    check_divisible(seq_len, layout, world_size, cu_seqlens)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} is outside [0, world_size={world_size})")
+    if layout == PACKED:
+        return packed_indices(cu_seqlens, rank, world_size, device)
     n = seq_len // world_size
     if layout == "contiguous":
         return torch.arange(rank * n, (rank + 1) * n, device=device)
@@ -80,16 +93,24 @@ def local_indices(
     )
 
 
-def permutation(seq_len: int, layout: str, world_size: int, device=None) -> torch.Tensor:
+def permutation(
+    seq_len: int, layout: str, world_size: int, device=None, cu_seqlens=None
+) -> torch.Tensor:
     """Global indices in rank-major order: ``x[perm]`` lays the sequence out rank after rank."""
     return torch.cat(
-        [local_indices(seq_len, layout, r, world_size, device) for r in range(world_size)]
+        [
+            local_indices(seq_len, layout, r, world_size, device, cu_seqlens)
+            for r in range(world_size)
+        ]
     )
 
 
-def shard(x: torch.Tensor, layout: str, *, rank: int, world_size: int, dim: int = 1):
-    """The part of the global ``x`` that ``rank`` holds along ``dim`` (pure, no communication)."""
-    idx = local_indices(x.shape[dim], layout, rank, world_size, x.device)
+def shard(
+    x: torch.Tensor, layout: str, *, rank: int, world_size: int, dim: int = 1, cu_seqlens=None
+):
+    """The part of the global ``x`` that ``rank`` holds along ``dim`` (pure, no communication).
+    ``cu_seqlens`` (n_docs + 1,): the documents, needed by layout "packed"."""
+    idx = local_indices(x.shape[dim], layout, rank, world_size, x.device, cu_seqlens)
     if layout == "contiguous":
         n = idx.numel()
         return x.narrow(dim, rank * n, n)
@@ -130,22 +151,25 @@ def positions(
     device=None,
 ) -> torch.Tensor:
     """RoPE positions of the tokens ``rank`` holds: global positions, restarting at 0 at each
-    document of ``cu_seqlens`` (int32, (n_docs + 1,)) when given."""
-    idx = local_indices(seq_len, layout, rank, world_size, device)
+    document of ``cu_seqlens`` (int32, (n_docs + 1,)) when given (layout "packed" needs it)."""
+    idx = local_indices(seq_len, layout, rank, world_size, device, cu_seqlens)
     if cu_seqlens is None:
         return idx
     check_cu_seqlens(cu_seqlens, seq_len)
     return idx - doc_starts(cu_seqlens.to(idx.device), seq_len)[idx]
 
 
-def unshard(x_local: torch.Tensor, layout: str, *, group=None, dim: int = 1) -> torch.Tensor:
+def unshard(
+    x_local: torch.Tensor, layout: str, *, group=None, dim: int = 1, cu_seqlens=None
+) -> torch.Tensor:
     """Gather every rank's part and restore global order along ``dim``. Differentiable: the
-    gradient of each rank's part is the sum over ranks of the gradient of its positions."""
+    gradient of each rank's part is the sum over ranks of the gradient of its positions.
+    ``cu_seqlens``: the GLOBAL documents, needed by layout "packed"."""
     from .comm import all_gather  # local import: comm imports nothing from here
 
     world = dist.get_world_size(group) if dist.is_initialized() else 1
     full = all_gather(x_local, dim=dim, group=group)
-    perm = permutation(full.shape[dim], layout, world, x_local.device)
+    perm = permutation(full.shape[dim], layout, world, x_local.device, cu_seqlens)
     if layout == "contiguous":
         return full
     return full.index_select(dim, torch.argsort(perm))

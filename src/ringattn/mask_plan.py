@@ -32,6 +32,7 @@ import math
 
 import torch
 
+from .balance import PACKED
 from .kernels.mask import MaskSpec
 from .layouts import local_indices
 from .schedule import BlockWork, RingPlan, ring_plan
@@ -198,16 +199,41 @@ def block_works(
 
 
 def group_positions(
-    seq_len: int, layout: str, world: int, group: int, index: int, rows: int = 1
+    seq_len: int,
+    layout: str,
+    world: int,
+    group: int,
+    index: int,
+    rows: int = 1,
+    cu: CuSeqlens = None,
 ) -> torch.Tensor:
     """Sorted global positions held together by ranks ``index*group .. index*group+group-1``
     of ``layout`` over ``world`` ranks (group = 1: one rank's own positions).
 
     ``rows`` > 1: a batch of rows of ``seq_len`` tokens each, laid end to end (row i at
-    positions ``i*seq_len ...``), each row sharded by ``layout`` on its own."""
-    parts = [local_indices(seq_len, layout, index * group + u, world) for u in range(group)]
-    one = torch.cat(parts).sort().values
-    return torch.cat([i * seq_len + one for i in range(rows)])
+    positions ``i*seq_len ...``), each row sharded by ``layout`` on its own. ``cu``: the
+    documents (of the rows end to end), which layout "packed" is built from, row by row."""
+
+    def one(row: int) -> torch.Tensor:
+        cu_row = row_documents(cu, seq_len, row) if layout == PACKED else None
+        parts = [
+            local_indices(seq_len, layout, index * group + u, world, cu_seqlens=cu_row)
+            for u in range(group)
+        ]
+        return torch.cat(parts).sort().values
+
+    if layout != PACKED:  # every row has the same positions
+        return torch.cat([i * seq_len + one(0) for i in range(rows)])
+    return torch.cat([i * seq_len + one(i) for i in range(rows)])
+
+
+def row_documents(cu: CuSeqlens, seq_len: int, row: int) -> CuSeqlens:
+    """Row ``row``'s own ``cu_seqlens`` out of the documents of rows of ``seq_len`` tokens laid
+    end to end (every row boundary is a document boundary)."""
+    if cu is None:
+        return None
+    lo, hi = row * seq_len, (row + 1) * seq_len
+    return tuple(c - lo for c in cu[bisect.bisect_left(cu, lo) : bisect.bisect_right(cu, hi)])
 
 
 def ring_length(pos: list[torch.Tensor], *, causal: bool, cu: CuSeqlens, window: Window) -> int:
@@ -236,6 +262,7 @@ def ring_mask_plan(
     tile: int | None = MASK_TILE,
     device: str = "cpu",
     rows: int = 1,
+    shortcut: bool = True,
 ) -> RingPlan:
     """The ring plan of ``rank`` in a ring of ``world`` ranks, each holding ``n`` tokens.
 
@@ -243,35 +270,27 @@ def ring_mask_plan(
     ``r*group .. r*group+group-1`` of ``layout`` over ``world * group`` ranks, n tokens in all.
     With ``rows`` > 1, the n tokens are ``rows`` batch rows of n / rows tokens laid end to
     end (see :func:`group_positions`; ``cu`` must then separate the rows). The plan has the
-    same length T <= world on every rank; empty steps are skipped.
+    same length T <= world on every rank; empty steps are skipped. ``shortcut=False``: search
+    the positions even without documents or a window (every slice then has both ends).
     """
-    if cu is None and window is None and group == 1 and rows == 1:
+    if shortcut and cu is None and window is None and group == 1 and rows == 1:
         return ring_plan(layout, causal, rank, world, n)  # the same plan, without the search
     seq = n // rows * world
-    pos = [group_positions(seq, layout, world * group, group, r, rows) for r in range(world)]
+    pos = [group_positions(seq, layout, world * group, group, r, rows, cu) for r in range(world)]
     T = ring_length(pos, causal=causal, cu=cu, window=window)
     kw = dict(causal=causal, cu=cu, window=window, tile=tile, device=torch.device(device))
     return tuple(block_works(pos[rank], pos[(rank - i) % world], **kw) for i in range(T))
 
 
 @functools.lru_cache(maxsize=256)
-def source_plan(
-    layout: str,
-    world: int,
-    rank: int,
-    n: int,
-    *,
-    causal: bool,
-    cu: CuSeqlens = None,
-    window: Window = None,
-    tile: int | None = MASK_TILE,
-    device: str = "cpu",
-) -> tuple[tuple[BlockWork, ...], ...]:
-    """All-gather plan: for each source rank j, this rank's works against j's K/V block."""
-    seq = n * world
-    pos = [local_indices(seq, layout, r, world) for r in range(world)]
-    kw = dict(causal=causal, cu=cu, window=window, tile=tile, device=torch.device(device))
-    return tuple(block_works(pos[rank], pos[j], **kw) for j in range(world))
+def source_plan(layout: str, world: int, rank: int, n: int, **kw) -> RingPlan:
+    """All-gather plan: for each source rank j, this rank's works against j's K/V block.
+
+    The ring plan's steps by source (ring step i holds the K/V of rank (rank - i) % W; the
+    steps the ring truncates have no work). ``kw``: the options of :func:`ring_mask_plan`."""
+    ring = ring_mask_plan(layout, world, rank, n, shortcut=False, **kw)
+    steps = ((rank - j) % world for j in range(world))
+    return tuple(ring[i] if i < len(ring) else () for i in steps)
 
 
 # ----------------------------------------------------------------------------- FLOPs

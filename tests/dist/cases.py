@@ -125,9 +125,10 @@ def unshard_case(spec: dict) -> dict:
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, spec["s"], 3, generator=g)
     w = torch.randn(2, spec["s"], 3, generator=g)  # same weights everywhere
-    local = ringattn.shard(x, spec["layout"], rank=rank, world_size=world).clone()
-    local.requires_grad_()
-    full = ringattn.unshard(local, spec["layout"])
+    cu = spec.get("cu")  # the documents layout "packed" is built from
+    local = ringattn.shard(x, spec["layout"], rank=rank, world_size=world, cu_seqlens=cu)
+    local = local.clone().requires_grad_()
+    full = ringattn.unshard(local, spec["layout"], cu_seqlens=cu)
     ((full * w).sum() * (rank + 1)).backward()  # rank-dependent loss: grads must be summed
     return {"full": full.detach(), "grad": local.grad, "x": x, "w": w}
 

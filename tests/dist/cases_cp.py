@@ -39,9 +39,9 @@ def cp_case(spec: dict) -> dict:
     rank, world, kw = _cp_rank(spec)
     q, k, v, dout = make_inputs(spec)
     layout = spec["layout"]
-    sh = lambda x: ringattn.shard(x, layout, rank=rank, world_size=world).clone()
+    cu = spec.get("cu")  # layout "packed" is built from the documents
+    sh = lambda x: ringattn.shard(x, layout, rank=rank, world_size=world, cu_seqlens=cu).clone()
     ql, kl, vl = (sh(t).requires_grad_() for t in (q, k, v))
-    cu = spec.get("cu")
     cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
     with ringattn.count_comm() as counter:
         out, lse = ringattn.context_parallel_attention(
@@ -157,7 +157,14 @@ def rows_case(spec: dict) -> dict:
     b, s = len(cus), spec["s"]
     g = torch.Generator().manual_seed(5)
     q, k, v, dout = (torch.randn(b, s, 4, 8, generator=g, dtype=torch.float64) for _ in range(4))
-    sh = lambda x: ringattn.shard(x, layout, rank=rank, world_size=world).clone()  # noqa: E731
+
+    def sh(x):  # each row by its own documents (only "packed" depends on them)
+        rows = [
+            ringattn.shard(x[i : i + 1], layout, rank=rank, world_size=world, cu_seqlens=c)
+            for i, c in enumerate(cus)
+        ]
+        return torch.cat(rows).clone()
+
     kw = dict(strategy=spec["strategy"], causal=True, layout=layout, return_lse=True)
     kw["window"] = spec.get("window")
     res = {}

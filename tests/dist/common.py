@@ -14,10 +14,11 @@ FP32_TOL = 1e-5
 FP64_TOL = 1e-12
 
 
-def gather(results: list[dict], key: str, layout: str, dim: int) -> torch.Tensor:
-    """Concatenate per-rank tensors along ``dim`` and restore global token order."""
+def gather(results: list[dict], key: str, layout: str, dim: int, cu=None) -> torch.Tensor:
+    """Concatenate per-rank tensors along ``dim`` and restore global token order (``cu``:
+    the documents, which layout "packed" is built from)."""
     full = torch.cat([r[key] for r in results], dim=dim)
-    perm = permutation(full.shape[dim], layout, len(results))
+    perm = permutation(full.shape[dim], layout, len(results), cu_seqlens=cu)
     return full.index_select(dim, torch.argsort(perm))
 
 
@@ -27,12 +28,13 @@ def check_against_oracle(spec: dict, results: list[dict], *, mask=None) -> dict[
     layout = spec["layout"]
     kw = dict(causal=spec["causal"], scale=spec.get("scale"), mask=mask)
     ref_out, ref_lse, ref_g = grads(q, k, v, dout, dtype=torch.float64, **kw)
+    cu = spec.get("cu")
     got = {
-        "out": gather(results, "out", layout, 1),
-        "lse": gather(results, "lse", layout, 2),
-        "dq": gather(results, "dq", layout, 1),
-        "dk": gather(results, "dk", layout, 1),
-        "dv": gather(results, "dv", layout, 1),
+        "out": gather(results, "out", layout, 1, cu),
+        "lse": gather(results, "lse", layout, 2, cu),
+        "dq": gather(results, "dq", layout, 1, cu),
+        "dk": gather(results, "dk", layout, 1, cu),
+        "dv": gather(results, "dv", layout, 1, cu),
     }
     refs = {"out": ref_out, "lse": ref_lse, "dq": ref_g[0], "dk": ref_g[1], "dv": ref_g[2]}
     errs = {name: rel_err(got[name], refs[name]) for name in refs}

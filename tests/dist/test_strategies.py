@@ -78,7 +78,12 @@ def ring_steps(spec, ring: int, group: int) -> int:
         mask = torch.ones(s, s, dtype=torch.bool)
         mask = mask.tril() if spec["causal"] else mask
     pos = [
-        torch.cat([local_indices(s, spec["layout"], r * group + u, world) for u in range(group)])
+        torch.cat(
+            [
+                local_indices(s, spec["layout"], r * group + u, world, cu_seqlens=spec.get("cu"))
+                for u in range(group)
+            ]
+        )
         for r in range(ring)
     ]
     last = max(
@@ -355,16 +360,14 @@ def test_bf16_fused_kernel(pools, strategy):
 
 
 @pytest.mark.parametrize("strategy", ["ring", "allgather"])
-@pytest.mark.parametrize("layout", ["zigzag", "striped"])
+@pytest.mark.parametrize("layout", ["zigzag", "striped", "packed"])
 def test_rows_with_their_own_documents_in_one_call(pools, strategy, layout):
     """Packed rows in one call: the same result as row by row, and for the ring one pass
     for the whole batch (W-1 K/V hops forward, not W-1 per row)."""
     from tests.dist.cases_cp import rows_case
 
     world, s = 2, 16
-    spec = dict(
-        strategy=strategy, layout=layout, s=s, cus=[[0, 5, 16], [0, 16], [0, 3, 9, 12, 16]]
-    )
+    spec = dict(strategy=strategy, layout=layout, s=s, cus=[[0, 5, 16], [0, 16], [0, 3, 9, 12, 16]])
     for r in pools(world).run(rows_case, spec):
         batch, rows = r["batch"], r["rows"]
         for name in ("out", "lse", "dq", "dk", "dv"):

@@ -29,6 +29,8 @@ TINY: dict[str, list[str]] = {
     "peers": ["--world", "2", "--seq", "64", *SMALL, "--peer-bucket", "16", "--repeats", "1"],
     "calibrate": ["--world", "2", "--seq", "64", *SMALL, "--repeats", "1", "--link-repeats", "1"],
     "train": ["--cp", "1", "--seq", "64", "--steps", "2", "--warmup", "1"],
+    "packed": ["--world", "2", "--seq", "256", "--seeds", "1", "--time-seq", "64"]
+    + ["--time-world", "2", "--repeats", "1", "--ring"],
 }
 
 

@@ -378,7 +378,8 @@ def golden() -> dict:
 
 
 @pytest.mark.parametrize(
-    "name", ["attention", "scaling", "weak", "memory", "layouts", "peers", "calibrate", "train"]
+    "name",
+    ["attention", "scaling", "weak", "memory", "layouts", "peers", "calibrate", "train", "packed"],
 )
 def test_bench_outputs_unchanged(name, golden, tmp_path):
     """JSON field names and table headers of ``ringattn bench NAME`` as recorded."""

@@ -40,6 +40,12 @@ CASES = [
     (["bench", "train", "--cp", "4", "--seq", "1002"], "--cp 4 must be a multiple of 8"),
     (["bench", "train", "--steps", "2", "--warmup", "2"], "--warmup 2 must be >= 0 and below"),
     (["bench", "train", "--preset", "gpt5"], "--preset: invalid choice: 'gpt5'"),
+    (["bench", "packed", "--seq", "1000", "--world", "8"], "--seq: global sequence 1000"),
+    (["bench", "packed", "--time-seq", "100"], "--time-seq: global sequence 100"),
+    (["bench", "packed", "--time-world", "0"], "--time-world: must be a positive integer"),
+    (["bench", "packed", "--seeds", "0"], "--seeds: must be a positive integer"),
+    (["bench", "packed", "--time-seq", "-1"], "--time-seq: must be a positive integer"),
+    (["bench", "packed", "--sigma", "-1"], "use a median >= 1 token and a sigma >= 0"),
     (["bench", "all", "--bogus"], "unrecognized arguments: --bogus"),
     (["bench", "nope"], "unknown benchmark 'nope'"),
 ]

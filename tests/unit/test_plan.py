@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from ringattn.model.config import get_preset
-from ringattn.plan import cost
+from ringattn.plan import cost, step
 from ringattn.plan.cli import plan_main
 from ringattn.plan.hardware import HARDWARE, Hardware, calibrate_from, get_hardware, measure_cpu
 
@@ -129,17 +129,17 @@ def test_max_context_is_tight_and_grows_linearly_with_devices():
 
 def test_predict_step():
     seq = 8 * 8192
-    e = cost.predict_step(LLAMA7B, NVLINK, seq, cp=8, checkpointing="full")
+    e = step.predict_step(LLAMA7B, NVLINK, seq, cp=8, checkpointing="full")
     assert e.step_s == pytest.approx(e.attention_s + e.linear_s)
     assert 0.2 < e.mfu < NVLINK.matmul_efficiency
     assert e.tokens_per_s == pytest.approx(seq / e.step_s)
     assert e.exposed_comm_s < 0.05 * e.step_s  # compute bound on NVLink
-    none = cost.predict_step(LLAMA7B, NVLINK, seq, cp=8, checkpointing="none")
+    none = step.predict_step(LLAMA7B, NVLINK, seq, cp=8, checkpointing="none")
     assert none.step_s < e.step_s and none.model_flops == pytest.approx(e.model_flops)
-    ib = cost.predict_step(LLAMA7B, HARDWARE["a100-ib"], seq, cp=8)
+    ib = step.predict_step(LLAMA7B, HARDWARE["a100-ib"], seq, cp=8)
     assert ib.exposed_comm_s > e.exposed_comm_s
     for s in ("allgather", "ulysses"):
-        other = cost.predict_step(LLAMA7B, NVLINK, seq, cp=8, strategy=s)
+        other = step.predict_step(LLAMA7B, NVLINK, seq, cp=8, strategy=s)
         assert other.exposed_comm_s > 0 and 0 < other.mfu < 1
 
 

@@ -43,6 +43,7 @@ BAD = [
     (["--parallel.strategy=hybrid"], "parallel.ulysses=1"),
     (["--parallel.strategy=hybrid", "--parallel.ulysses=3"], "parallel.ulysses=3"),
     (["--parallel.layout=zigzig"], "parallel.layout='zigzig'"),
+    (["--parallel.layout=packed"], "parallel.layout='packed' balances packed documents"),
     (["--train.dtype=fp8"], "train.dtype='fp8'"),
 ]
 

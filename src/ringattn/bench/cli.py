@@ -21,10 +21,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "peers": ("peers", "main", "ring-attention-pytorch, torch native CP, flash libs: ratios"),
     "calibrate": ("calibrate", "main", "measure kernel and gloo rates; simulator vs measured"),
     "train": ("train", "main", "trainer step: tokens/s, TFLOP/s per rank, MFU vs cp"),
+    "packed": ("packed", "main", "packed documents: per-rank FLOPs and time per layout"),
 }
 
 # ``all``: every command at its small defaults, outputs under one folder.
-ALL_ORDER = ("calibrate", "scaling", "weak", "memory", "layouts", "peers")
+ALL_ORDER = ("calibrate", "scaling", "weak", "memory", "layouts", "peers", "packed")
 
 USAGE = (
     "usage: ringattn bench {"

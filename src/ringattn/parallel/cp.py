@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ringattn
+from ringattn.balance import PACKED
 from ringattn.layouts import check_divisible
 
 __all__ = ["STRATEGIES", "CPAttention", "apply_cp", "local_doc_attention", "shard_batch"]
@@ -137,6 +138,8 @@ def shard_batch(
         ``(b, s/cp)`` with documents) in the layout's local order.
     """
     s = tokens.shape[1]
+    if layout == PACKED:
+        return _shard_packed(tokens, labels, cp_rank=cp_rank, cp=cp, cu_seqlens=cu_seqlens)
     check_divisible(s, layout, cp)
     sh = lambda x: ringattn.shard(x, layout, rank=cp_rank, world_size=cp)
     kw = dict(rank=cp_rank, world_size=cp, device=tokens.device)
@@ -145,3 +148,21 @@ def shard_batch(
     else:
         pos = torch.stack([ringattn.positions(s, layout, cu_seqlens=c, **kw) for c in cu_seqlens])
     return sh(tokens), sh(labels), pos
+
+
+def _shard_packed(tokens, labels, *, cp_rank: int, cp: int, cu_seqlens):
+    """Layout "packed": each row has its own documents, hence its own permutation; returns
+    ``tokens``, ``labels``, ``positions``, each ``(b, s/cp)``."""
+    if cu_seqlens is None:
+        raise ValueError(
+            "parallel.layout='packed' balances packed documents, but this batch has none "
+            "(cu_seqlens): use data.kind='text' with data.cross_doc_attention=false, or "
+            "parallel.layout='zigzag'"
+        )
+    tok, lab, pos = [], [], []
+    for i, cu in enumerate(cu_seqlens):
+        kw = dict(rank=cp_rank, world_size=cp, cu_seqlens=cu)
+        tok.append(ringattn.shard(tokens[i : i + 1], PACKED, **kw))
+        lab.append(ringattn.shard(labels[i : i + 1], PACKED, **kw))
+        pos.append(ringattn.positions(tokens.shape[1], PACKED, device=tokens.device, **kw))
+    return torch.cat(tok), torch.cat(lab), torch.stack(pos)

@@ -1,43 +1,18 @@
 """Analytic planner and ring simulator: what fits, how long it takes, where the ring stalls.
 
-``hardware`` describes devices and links, ``cost`` the paper's block-size rule, per-device
-memory and predicted step time, ``simulate`` a discrete-event model of one ring attention
-layer, ``cli`` the ``ringattn plan`` and ``ringattn simulate`` commands.
+``hardware`` describes devices and links, ``cost`` the paper's block-size rule and
+per-device memory, ``step`` the predicted step time, ``simulate`` a discrete-event model of
+one ring attention layer, ``cli`` the ``ringattn plan`` and ``ringattn simulate`` commands.
+The public names of each are re-exported here (their ``__all__``).
 """
 
-from ringattn.plan.cost import (
-    MemoryBreakdown,
-    StepEstimate,
-    max_context,
-    memory_breakdown,
-    min_block_size,
-    min_block_size_precise,
-    min_seq_per_device,
-    paper_table,
-    predict_step,
-    vanilla_activation_bytes,
-)
-from ringattn.plan.hardware import HARDWARE, Hardware, calibrate_from, get_hardware, measure_cpu
-from ringattn.plan.simulate import SimResult, simulate, to_png, work_fractions
+from ringattn.plan import cost as _cost
+from ringattn.plan import hardware as _hardware
+from ringattn.plan import simulate as _simulate
+from ringattn.plan import step as _step
+from ringattn.plan.cost import *  # noqa: F403
+from ringattn.plan.hardware import *  # noqa: F403
+from ringattn.plan.simulate import *  # noqa: F403
+from ringattn.plan.step import *  # noqa: F403
 
-__all__ = [
-    "HARDWARE",
-    "Hardware",
-    "MemoryBreakdown",
-    "SimResult",
-    "StepEstimate",
-    "calibrate_from",
-    "get_hardware",
-    "max_context",
-    "measure_cpu",
-    "memory_breakdown",
-    "min_block_size",
-    "min_block_size_precise",
-    "min_seq_per_device",
-    "paper_table",
-    "predict_step",
-    "simulate",
-    "to_png",
-    "vanilla_activation_bytes",
-    "work_fractions",
-]
+__all__ = [*_cost.__all__, *_hardware.__all__, *_simulate.__all__, *_step.__all__]

@@ -6,6 +6,7 @@ Examples::
     ringattn plan --paper-table
     ringattn simulate --world 8 --seq 65536 --layout zigzag --causal --hardware a100-nvlink \
         --png ring.png
+    ringattn simulate --world 8 --seq 65536 --layout packed --docs 1024   # packed documents
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 from dataclasses import replace
 
 from ringattn.model.config import PRESETS, get_preset
-from ringattn.plan import cost
+from ringattn.plan import cost, step
 from ringattn.plan.hardware import HARDWARE, Hardware, get_hardware
 from ringattn.plan.simulate import LAYOUTS, simulate, to_png
 
@@ -30,6 +31,30 @@ def _add_hardware_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bw", type=float, help="override one-way link bandwidth, bytes/s")
     p.add_argument("--latency", type=float, help="override per-message latency, seconds")
     p.add_argument("--efficiency", type=float, help="override attention fraction of peak")
+
+
+def _add_docs_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--docs",
+        type=float,
+        default=None,
+        metavar="MEDIAN",
+        help="packed documents: lognormal lengths of this median (64 tokens to seq), the "
+        "work per rank and step from the real mask; needed by --layout packed",
+    )
+    p.add_argument("--docs-sigma", type=float, default=1.5)
+    p.add_argument("--docs-seed", type=int, default=0)
+
+
+def _cu_seqlens(a: argparse.Namespace, seq: int):
+    """The synthetic pack of ``--docs`` (None without it)."""
+    if a.docs is None:
+        if a.layout == "packed":
+            raise ValueError("--layout packed balances packed documents: add --docs MEDIAN")
+        return None
+    from ringattn.balance import lognormal_pack
+
+    return lognormal_pack(seq, a.docs_seed, a.docs, a.docs_sigma)
 
 
 def _hardware(a: argparse.Namespace) -> Hardware:
@@ -72,8 +97,9 @@ def _plan_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, default=None, help="global context (default: the max)")
     p.add_argument("--batch", type=int, default=1, help="sequences per dp rank")
     p.add_argument("--strategy", default="ring", choices=cost.STRATEGIES)
-    p.add_argument("--layout", default="zigzag", choices=LAYOUTS)
+    p.add_argument("--layout", default="zigzag", choices=[*LAYOUTS, "packed"])
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
+    _add_docs_args(p)
     p.add_argument("--checkpointing", default="full", choices=cost.CHECKPOINTING)
     p.add_argument("--no-fsdp", dest="fsdp", action="store_false")
     p.add_argument("--loss-chunk", type=int, default=None, help="blockwise loss chunk (tokens)")
@@ -145,8 +171,10 @@ def _plan(a: argparse.Namespace) -> dict:
     if seq:
         out["memory"] = cost.memory_breakdown(cfg, seq, hw=hw, cp=cp, **kw).as_dict()
         step_kw = {k: kw[k] for k in ("batch", "dp", "tp", "strategy", "checkpointing")}
-        out["step"] = cost.predict_step(
-            cfg, hw, seq, cp=cp, layout=a.layout, causal=a.causal, **step_kw
+        cu = _cu_seqlens(a, seq)
+        out["docs"] = None if cu is None else len(cu) - 1
+        out["step"] = step.predict_step(
+            cfg, hw, seq, cp=cp, layout=a.layout, causal=a.causal, cu_seqlens=cu, **step_kw
         ).as_dict()
     return out
 
@@ -225,8 +253,9 @@ def _simulate_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--world", type=int, default=8)
     p.add_argument("--seq", type=int, default=65536, help="global sequence length")
-    p.add_argument("--layout", default="zigzag", choices=LAYOUTS)
+    p.add_argument("--layout", default="zigzag", choices=[*LAYOUTS, "packed"])
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
+    _add_docs_args(p)
     p.add_argument("--model", choices=sorted(PRESETS), help="take heads and head_dim from it")
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=None)
@@ -259,6 +288,7 @@ def simulate_main(argv: list[str]) -> int:
             head_dim=head_dim,
             backward=not a.forward_only,
             record=bool(a.png),
+            cu_seqlens=_cu_seqlens(a, a.seq),
         )
         if a.png:
             to_png(r, a.png)

@@ -1,4 +1,5 @@
-"""Analytic cost model: minimal block size, per-device memory, max context, step time.
+"""Analytic cost model: minimal block size, per-device memory, max context (step time:
+:mod:`ringattn.plan.step`).
 
 All byte counts are per device. Conventions (docs/planner.md derives each formula):
 
@@ -16,14 +17,13 @@ from dataclasses import asdict, dataclass
 
 from ringattn.model.config import ModelConfig
 from ringattn.plan.hardware import HARDWARE, Hardware
-from ringattn.plan.simulate import BWD_FLOPS_FACTOR, simulate
+from ringattn.plan.simulate import BWD_FLOPS_FACTOR
 
 __all__ = [
     "MIN_SEQ_BLOCKS",
     "PAPER_HARDWARE",
     "STRATEGIES",
     "MemoryBreakdown",
-    "StepEstimate",
     "layer_activation_elems",
     "max_context",
     "memory_breakdown",
@@ -31,7 +31,6 @@ __all__ = [
     "min_block_size_precise",
     "min_seq_per_device",
     "paper_table",
-    "predict_step",
     "vanilla_activation_bytes",
 ]
 
@@ -300,133 +299,3 @@ def max_context(
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo * align
-
-
-# --- step time ----------------------------------------------------------------------------
-
-
-@dataclass
-class StepEstimate:
-    """Predicted time of one training step (one micro-batch) on one device, in seconds."""
-
-    seq: int
-    step_s: float
-    attention_s: float  # all layers, forward + backward (+ recomputed forward)
-    linear_s: float  # projections, FFN and output head
-    exposed_comm_s: float  # attention communication not hidden behind compute
-    model_flops: float  # per device, no recomputation
-    mfu: float
-    tokens_per_s: float  # global: batch * dp * seq / step_s
-    attention_layer: dict  # the simulator's (or closed form's) per-layer summary
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def _attention_layer(
-    cfg: ModelConfig,
-    hw: Hardware,
-    seq: int,
-    *,
-    batch: int,
-    cp: int,
-    tp: int,
-    strategy: str,
-    layout: str,
-    causal: bool,
-) -> dict:
-    """Per-layer attention fwd/bwd seconds and exposed communication."""
-    hd = cfg.head_dim
-    heads, kv_heads = cfg.n_heads // tp, max(cfg.kv_heads // tp, 1)
-    if strategy == "ring":
-        r = simulate(
-            cp,
-            seq,
-            hw,
-            layout=layout,
-            causal=causal,
-            batch=batch,
-            heads=heads,
-            kv_heads=kv_heads,
-            head_dim=hd,
-            record=False,
-        )
-        return {"model": "simulator", **r.to_dict(per_rank=False)}
-    # All-gather and Ulysses: balanced compute, communication not overlapped (closed form).
-    pairs = seq * (seq + 1) / 2 if causal else float(seq) ** 2
-    fwd_c = 4.0 * batch * heads * hd * pairs / cp / (hw.flops * hw.efficiency)
-    c, lat = seq / cp, hw.latency_s * (cp - 1)
-    kv_bytes = 2 * batch * c * kv_heads * hd * 2
-    if strategy == "allgather":
-        comm_f = lat + (cp - 1) * kv_bytes / hw.link_bw  # ring all-gather of K, V
-        comm_b = comm_f + lat + (cp - 1) * 2 * kv_bytes / hw.link_bw  # re-gather + fp32 RS
-    else:  # ulysses: q, k, v in and out back; dout in and dq, dk, dv back
-        a2a = batch * c * (2 * heads + 2 * kv_heads) * hd * 2 * (cp - 1) / cp / hw.link_bw
-        comm_f = comm_b = 2 * lat + a2a
-    if cp == 1:
-        comm_f = comm_b = 0.0
-    fwd_s, bwd_s = fwd_c + comm_f, BWD_FLOPS_FACTOR * fwd_c + comm_b
-    return {
-        "model": "closed form",
-        "fwd_s": fwd_s,
-        "bwd_s": bwd_s,
-        "fwd_exposed_s": comm_f,
-        "bwd_exposed_s": comm_b,
-    }
-
-
-def predict_step(
-    cfg: ModelConfig,
-    hw: Hardware,
-    seq: int,
-    *,
-    batch: int = 1,
-    dp: int = 1,
-    cp: int = 1,
-    tp: int = 1,
-    strategy: str = "ring",
-    layout: str = "zigzag",
-    causal: bool = True,
-    checkpointing: str = "full",
-) -> StepEstimate:
-    """Step time and MFU: attention from the simulator, GEMMs at ``hw.matmul_efficiency``.
-
-    Not modelled (assumed hidden behind compute): FSDP all-gather/reduce-scatter, dp gradient
-    reduction, tp collectives, norms, RoPE, the optimizer step.
-    """
-    _check_parallel(cfg, cp, tp, strategy, checkpointing)
-    layer = _attention_layer(
-        cfg, hw, seq, batch=batch, cp=cp, tp=tp, strategy=strategy, layout=layout, causal=causal
-    )
-    recompute = checkpointing == "full"
-    n_layers = cfg.n_layers
-    attention_s = n_layers * (layer["fwd_s"] * (2 if recompute else 1) + layer["bwd_s"])
-    exposed = n_layers * (layer["fwd_exposed_s"] * (2 if recompute else 1) + layer["bwd_exposed_s"])
-
-    tokens = batch * seq / cp
-    layer_mm = _layer_params(cfg) - 2 * cfg.dim  # the norms are not matmuls
-    head_mm = cfg.vocab_size * cfg.dim
-    mm_params = (n_layers * layer_mm + head_mm) / tp
-    linear_flops = 6 * tokens * mm_params  # forward 2, backward 4 FLOPs per param per token
-    hw_flops = linear_flops
-    if recompute:
-        hw_flops += 2 * tokens * n_layers * layer_mm / tp
-    if cfg.ffn_chunk is not None:  # blockwise FFN recomputes w1 x and w3 x in backward
-        hw_flops += 2 * tokens * n_layers * 2 * cfg.dim * cfg.hidden / tp
-    linear_s = hw_flops / (hw.flops * hw.matmul_efficiency)
-
-    pairs = seq * (seq + 1) / 2 if causal else float(seq) ** 2
-    attn_model = 3 * 4.0 * batch * (cfg.n_heads // tp) * cfg.head_dim * pairs / cp
-    model_flops = linear_flops + n_layers * attn_model
-    step_s = attention_s + linear_s
-    return StepEstimate(
-        seq=seq,
-        step_s=step_s,
-        attention_s=attention_s,
-        linear_s=linear_s,
-        exposed_comm_s=exposed,
-        model_flops=model_flops,
-        mfu=model_flops / (step_s * hw.flops),
-        tokens_per_s=batch * dp * seq / step_s,
-        attention_layer=layer,
-    )

@@ -19,6 +19,11 @@ The dependencies, per rank and step (all times in seconds):
 
 Per step that is a handful of vectorised max/add operations over all ranks (torch float64
 tensors, torch being this package's one dependency), so W = 4096 runs in well under a second.
+
+Packed documents (``cu_seqlens``): the work of rank r at step i is no longer one of three
+fractions; it is read from the rank's real ring plan (:func:`ringattn.mask_plan.ring_mask_plan`,
+the pairs its kernels compute, a masked box counted whole), and the ring runs only the T <= W
+steps that plan has. Any layout works, "packed" included.
 """
 
 from __future__ import annotations
@@ -30,7 +35,15 @@ import torch
 
 from ringattn.plan.hardware import Hardware
 
-__all__ = ["LAYOUTS", "SimResult", "simulate", "to_png", "work_fractions"]
+__all__ = [
+    "LAYOUTS",
+    "SimResult",
+    "closed_form_steps",
+    "mask_matrix",
+    "simulate",
+    "to_png",
+    "work_fractions",
+]
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
 BWD_FLOPS_FACTOR = 2.5  # backward recomputes QK^T and adds dV, dP, dQ, dK: 10 vs 4 per pair
@@ -60,6 +73,40 @@ def work_fractions(layout: str, causal: bool, block: int) -> tuple[float, float,
     if layout == "zigzag":
         return tri, 0.5, 0.5
     return tri, tri, (c - 1) / (2 * c)
+
+
+def closed_form_steps(world: int, fracs: tuple[float, float, float]):
+    """Fraction of a c x c block rank r computes at ring step i, as ``step(i) -> (W,)``, and
+    the per-rank total (W,). At step i > 0 ranks r >= i hold K/V from an earlier rank
+    (j = r - i), ranks r < i from a later one. Rows are built on demand: W = 4096 would
+    otherwise need a W x W matrix."""
+    ranks = torch.arange(world, dtype=torch.float64)
+    early, late = (torch.full((world,), f, dtype=torch.float64) for f in fracs[1:])
+
+    def step(i: int) -> torch.Tensor:
+        if i == 0:
+            return torch.full((world,), fracs[0], dtype=torch.float64)
+        return torch.where(ranks < i, late, early)  # float64: scalars would give float32
+
+    return step, fracs[0] + ranks * fracs[1] + (world - 1 - ranks) * fracs[2]
+
+
+def mask_matrix(layout: str, world: int, seq: int, *, causal: bool, cu_seqlens) -> tuple:
+    """((T steps, W ranks) fractions of a c x c block each rank's kernels compute under the
+    real mask, useful pairs in total), from the ring plans of :mod:`ringattn.mask_plan`."""
+    from ringattn.mask_plan import plan_flops, ring_mask_plan
+
+    c, cu = seq // world, tuple(int(x) for x in cu_seqlens)
+    plans = [ring_mask_plan(layout, world, r, c, causal=causal, cu=cu) for r in range(world)]
+    f = torch.tensor(
+        [
+            [plan_flops((p[i],), c, c, allowed=False) / 4 for p in plans]
+            for i in range(len(plans[0]))
+        ],
+        dtype=torch.float64,
+    )
+    useful = sum(plan_flops(p, c, c) for p in plans) / 4
+    return f / (c * c), useful
 
 
 @dataclass
@@ -131,8 +178,9 @@ class SimResult:
 
 
 def _ring_pass(
+    n_steps: int,
     world: int,
-    t_step: tuple[float, float, float],
+    t_step,
     x_kv: float,
     x_acc: float | None,
     events: list | None,
@@ -141,17 +189,14 @@ def _ring_pass(
 ) -> torch.Tensor:
     """Finish time per rank of one pass; ``x_acc`` None means forward (no accumulators).
 
-    ``t_step`` = compute seconds at (step 0, kv from an earlier rank, from a later rank).
+    ``t_step(i)`` -> (W,): compute seconds of every rank at ring step i < ``n_steps``.
     """
-    t_diag, t_early, t_late = t_step
     start = torch.zeros(world, dtype=torch.float64)
     acc_arr = torch.zeros(world, dtype=torch.float64)  # when this step's dK/dV reached r
-    for i in range(world):
-        busy = start + (t_diag if i == 0 else t_early)
-        if i > 0:
-            busy[:i] += t_late - t_early  # ranks r < i hold K/V from a later rank
+    for i in range(n_steps):
+        busy = start + t_step(i)
         done = busy if x_acc is None else torch.maximum(busy, acc_arr)
-        last = i == world - 1
+        last = i == n_steps - 1
         if not last:
             send = torch.maximum(start, start.roll(1))  # r-1 holds it, r has posted recv
             if x_acc is not None:
@@ -196,6 +241,7 @@ def simulate(
     acc_bytes: int = 4,
     backward: bool = True,
     record: bool | None = None,
+    cu_seqlens=None,
 ) -> SimResult:
     """Simulate one attention layer over a ring of ``world`` devices of type ``hw``.
 
@@ -204,6 +250,8 @@ def simulate(
     per-device attention shape (after any tensor parallelism). Achieved throughput is
     ``hw.flops * hw.efficiency``; a transfer costs ``hw.latency_s + bytes / hw.link_bw``.
     ``record`` (default: ``world <= 16``) keeps a timeline for :func:`to_png`.
+    ``cu_seqlens`` (global document boundaries): per-step work from the real mask, any layout
+    including "packed" (see the module docstring).
     """
     if world < 1 or seq < world or seq % world:
         raise ValueError(f"seq ({seq}) must be a positive multiple of world ({world})")
@@ -214,39 +262,44 @@ def simulate(
     rate = hw.flops * hw.efficiency
     block_flops = 4.0 * batch * heads * head_dim * c * c  # QK^T and PV, 2 FLOPs per MAC
     t_block = block_flops / rate
-    fracs = work_fractions(layout, causal, c)
+    if cu_seqlens is None:
+        n_steps = world
+        frac, frac_total = closed_form_steps(world, work_fractions(layout, causal, c))
+        pairs = seq * (seq + 1) / 2 if causal else float(seq) * seq
+    else:
+        mat, pairs = mask_matrix(layout, world, seq, causal=causal, cu_seqlens=cu_seqlens)
+        n_steps, frac, frac_total = mat.shape[0], mat.__getitem__, mat.sum(0)
     kv_elems = 2 * batch * c * kv_heads * head_dim  # K and V
-    # One device has no neighbour: nothing to send.
-    x_kv = hw.latency_s + kv_elems * dtype_bytes / hw.link_bw if world > 1 else 0.0
-    x_acc = hw.latency_s + kv_elems * acc_bytes / hw.link_bw if world > 1 and backward else 0.0
+    # One device has no neighbour, one step (no pair crosses a rank): nothing to send.
+    ring = world > 1 and n_steps > 1
+    x_kv = hw.latency_s + kv_elems * dtype_bytes / hw.link_bw if ring else 0.0
+    x_acc = hw.latency_s + kv_elems * acc_bytes / hw.link_bw if ring and backward else 0.0
 
     if record is None:
         record = world <= TIMELINE_MAX_WORLD
     events: list | None = [] if record else None
 
-    ranks = torch.arange(world, dtype=torch.float64)
+    def t_fwd(i: int) -> torch.Tensor:
+        return frac(i) * t_block
 
-    def busy_per_rank(t: tuple[float, float, float]) -> torch.Tensor:
-        # Rank r meets r earlier sources and W-1-r later ones after its diagonal step.
-        return t[0] + ranks * t[1] + (world - 1 - ranks) * t[2]
+    def t_bwd(i: int) -> torch.Tensor:
+        return frac(i) * (BWD_FLOPS_FACTOR * t_block)
 
-    t_fwd = tuple(f * t_block for f in fracs)
-    fwd_finish = _ring_pass(world, t_fwd, x_kv, None, events, 0.0, "fwd")
+    fwd_finish = _ring_pass(n_steps, world, t_fwd, x_kv, None, events, 0.0, "fwd")
     fwd_s = float(fwd_finish.max())
-    fwd_busy = busy_per_rank(t_fwd)
+    fwd_busy = frac_total * t_block
     busy = fwd_busy
     bwd_s = bwd_exposed = 0.0
     if backward:
-        t_bwd = tuple(BWD_FLOPS_FACTOR * t for t in t_fwd)
-        bwd_finish = _ring_pass(world, t_bwd, x_kv, x_acc, events, fwd_s, "bwd")
+        bwd_finish = _ring_pass(n_steps, world, t_bwd, x_kv, x_acc, events, fwd_s, "bwd")
         bwd_s = float(bwd_finish.max())
-        bwd_busy = busy_per_rank(t_bwd)
+        bwd_busy = frac_total * (BWD_FLOPS_FACTOR * t_block)
         bwd_exposed = max(0.0, bwd_s - float(bwd_busy.max()))
         busy = fwd_busy + bwd_busy
 
-    # Useful FLOPs only: every layout computes the same S(S+1)/2 causal pairs in total;
-    # backward counts as 2x forward (the recomputation is not model work).
-    pairs = seq * (seq + 1) / 2 if causal else float(seq) * seq
+    # Useful FLOPs only: every layout computes the same allowed pairs in total (S(S+1)/2
+    # causal, fewer under a document mask); backward counts as 2x forward (the recomputation
+    # is not model work).
     model_flops = 4.0 * batch * heads * head_dim * pairs * (3 if backward else 1)
     total = fwd_s + bwd_s
     return SimResult(

@@ -30,6 +30,7 @@ import math
 
 import torch
 
+from ..balance import PACKED
 from ..comm import Ring, all_to_all, world_of
 from ..kernels import Kernel
 from ..layouts import local_indices
@@ -43,13 +44,19 @@ def kv_repeats(h_kv: int, ulysses: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def sort_orders(layout: str, world: int, ring_rank: int, ulysses: int, n: int, device: str):
+def sort_orders(
+    layout: str, world: int, ring_rank: int, ulysses: int, n: int, device: str, cu=None
+):
     """(order, inverse) on ``device``: the permutation sorting the concatenated shards of
     one Ulysses group by position and its inverse (long (U*n,)), or None when they already
-    are sorted. Cached per device, so a call copies nothing from the host."""
+    are sorted. Cached per device, so a call copies nothing from the host. ``cu``: the
+    documents (tuple), which layout "packed" is built from."""
     seq = world * n
     cat = torch.cat(
-        [local_indices(seq, layout, ring_rank * ulysses + u, world) for u in range(ulysses)]
+        [
+            local_indices(seq, layout, ring_rank * ulysses + u, world, cu_seqlens=cu)
+            for u in range(ulysses)
+        ]
     )
     order = torch.argsort(cat)
     if torch.equal(order, torch.arange(cat.numel())):
@@ -89,7 +96,8 @@ def usp_attention(
         parts = [x.reshape(b, n, U, -1, d) for x in (q, k, v)]
         packed = torch.cat(parts, dim=3).flatten(2, 3)
         x = all_to_all(packed, scatter_dim=2, gather_dim=1, group=ulysses_group)
-        orders = sort_orders(layout, U * ring.world, ring.rank, U, n, str(q.device))
+        docs = cu if layout == PACKED else None  # only "packed" depends on them: cache hits
+        orders = sort_orders(layout, U * ring.world, ring.rank, U, n, str(q.device), docs)
         if orders is not None:  # rank-major layout order -> increasing positions
             x = x.index_select(1, orders[0])
         q, k, v = (t.contiguous() for t in x.split([hq, hkv, hkv], dim=2))

@@ -189,6 +189,20 @@ def _check_heads(cfg: Config) -> None:
             )
 
 
+def _check_packed(cfg: Config) -> None:
+    """Layout "packed" is built from each row's documents: it needs packed documents."""
+    d = cfg.data
+    if cfg.parallel.layout == "packed" and (d.kind != "text" or d.cross_doc_attention):
+        raise _fail(
+            "parallel.layout",
+            "packed",
+            "balances packed documents (cu_seqlens), but "
+            f"data.kind={d.kind!r} with data.cross_doc_attention="
+            f"{str(d.cross_doc_attention).lower()} has none",
+            "use data.kind='text' with data.cross_doc_attention=false, or parallel.layout='zigzag'",
+        )
+
+
 def check_config(cfg: Config, world_size: int | None = None) -> None:
     """Raise ValueError (one line: option, problem, fix) unless ``cfg`` can run; with
     ``world_size``, also unless dp * cp * tp equals it (the launched ranks)."""
@@ -199,6 +213,7 @@ def check_config(cfg: Config, world_size: int | None = None) -> None:
 
         ParallelDims(p.dp, p.cp, p.tp).check_world(world_size)  # names the options
     _check_heads(cfg)
+    _check_packed(cfg)
     _check_lengths(cfg)
     _check_batches(cfg)
     if cfg.data.kind == "retrieval":  # its token ids must fit the vocabulary

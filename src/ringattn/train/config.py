@@ -64,7 +64,7 @@ class ParallelConfig:
     dp: int = 1
     cp: int = 1
     tp: int = 1
-    layout: str = "zigzag"  # contiguous | zigzag | striped
+    layout: str = "zigzag"  # contiguous | zigzag | striped | packed (balanced per document)
     strategy: str = "ring"  # ring | allgather | ulysses | hybrid
     ulysses: int = 1  # hybrid: Ulysses degree inside cp (cp = ring x ulysses)
     kernel: str = "auto"  # local attention kernel of the ring
@@ -291,12 +291,12 @@ def load_config(path=None, overrides: list[str] | None = None) -> Config:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks that need no process group."""
-    from ringattn.layouts import LAYOUTS
+    from ringattn.layouts import ALL_LAYOUTS
     from ringattn.parallel.ac import AC_MODES
     from ringattn.parallel.cp import STRATEGIES
 
     choices = [
-        ("parallel.layout", cfg.parallel.layout, LAYOUTS),
+        ("parallel.layout", cfg.parallel.layout, ALL_LAYOUTS),
         ("parallel.strategy", cfg.parallel.strategy, STRATEGIES),
         ("parallel.ac", cfg.parallel.ac, AC_MODES),
         ("parallel.device", cfg.parallel.device, ("auto", "cpu", "cuda")),
