@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ..kernels import KERNELS
 from ..launch import init_distributed, launch
 from ..layouts import LAYOUTS, permutation, shard
+from . import output
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -41,8 +42,25 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def parser(name: str, doc: str | None) -> Parser:
-    return Parser(prog=f"ringattn {name}", description=doc)
+def parser(name: str, doc: str | None, out: str | None = None, repeats: int = 0) -> Parser:
+    """The command's parser; with ``out``, ``--repeats`` (default ``repeats``, if any) and
+    :func:`output.add_output_args` (``--out runs/bench/<out>.jsonl``, ``--png``, ``--md``)."""
+    p = Parser(prog=f"ringattn {name}", description=doc)
+    if repeats:
+        p.add_argument(
+            "--repeats", type=positive, default=repeats, help="timed runs after a warm-up"
+        )
+    if out:
+        output.add_output_args(p, out)
+    return p
+
+
+def parse(p: argparse.ArgumentParser, argv: list[str], problems: Callable, **opts):
+    """The options, with ``args.problems = problems(args)`` checked by :func:`check_problems`."""
+    args = p.parse_args(argv)
+    args.problems = problems(args)
+    check_problems(p, args.problems, **opts)
+    return args
 
 
 def positive(text: str) -> int:

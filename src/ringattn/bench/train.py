@@ -19,6 +19,7 @@ from ..cp import STRATEGIES
 from ..model.config import PRESETS
 from ..train.cli import run_worker
 from ..train.config import load_config
+from ..train.traced import count_worker
 from . import harness as h
 from . import output
 
@@ -75,16 +76,12 @@ def _worker(rank: int, world: int, cfg_dict: dict) -> dict:
     return run_worker(cfg_dict)  # joins the group itself, with the trainer's settings
 
 
-def _count_worker(rank: int, world: int, cfg_dict: dict) -> dict:
-    return count_worker(cfg_dict)
-
-
 def run_one(a, cp: int) -> dict:
     cfg = a.configs[cp]
     log = Path(cfg.train.out_dir) / "metrics.jsonl"
     log.unlink(missing_ok=True)  # a fresh log per run
     par = cfg.parallel
-    fn = _count_worker if a.count_comm else _worker
+    fn = count_worker if a.count_comm else _worker
     ranks = h.run_ranks(fn, cp, cfg.to_dict(), threads=par.threads_per_rank,
                         device=par.device, here=False)  # fmt: skip
     summary = ranks[0]
@@ -103,48 +100,6 @@ def run_one(a, cp: int) -> dict:
         row["cpu_s_per_step"] = statistics.median(p["cpu_s"] for p in per_step)
         row["dist_calls_per_step"] = per_step[-1]["calls"]
     return row
-
-
-def count_worker(cfg_dict: dict) -> dict:
-    """``run_worker`` with every train step traced: torch.distributed calls by function and
-    CPU seconds (process time of this rank; the summary keeps rank 0's calls and the max
-    CPU time over ranks)."""
-    import time
-
-    import torch
-    import torch.distributed as dist
-
-    from ..dist_trace import trace_dist
-    from ..launch import init_distributed
-    from ..train.config import Config
-    from ..train.trainer import Trainer
-
-    cfg = Config.from_dict(cfg_dict)
-    init_distributed(threads=cfg.parallel.threads_per_rank, device=cfg.parallel.device)
-    try:
-        trainer, per_step = Trainer(cfg), []
-        step_fn = trainer.train_step
-
-        def traced_step(step: int) -> dict:
-            with trace_dist() as trace:
-                c0 = time.process_time()
-                row = step_fn(step)
-                cpu = time.process_time() - c0
-            per_step.append({"calls": dict(sorted(trace.calls.items())), "cpu_s": cpu})
-            return row
-
-        trainer.train_step = traced_step
-        summary = trainer.fit()
-        cpu = torch.tensor(
-            [p["cpu_s"] for p in per_step], dtype=torch.float64, device=trainer.device
-        )
-        dist.all_reduce(cpu, op=dist.ReduceOp.MAX)
-        for p, c in zip(per_step, cpu.tolist()):
-            p["cpu_s"] = c
-        summary["per_step"] = per_step
-        return summary
-    finally:
-        dist.destroy_process_group()
 
 
 COLUMNS = output.columns(
