@@ -1,13 +1,6 @@
 """``ringattn bench calibrate``: measure this machine's kernel and gloo rates, feed them to the
-ring simulator, and compare its prediction with ring attention measured at W = 2, 4, 8.
-
-Measured (:mod:`ringattn.bench.rates`): the CPU fused op's forward and backward FLOP/s on one
-full ``c x c`` block (``c = seq / W``, CPU time), the ring exchange between 2 and between W
-ranks (latency and fitted bandwidth), the ring itself (``bench attention``'s timing) and the
-busiest rank's kernel calls replayed without the ring. The simulator runs the forward at the
-forward rate and the backward at the backward rate, twice per W: with the rates (and gloo's
-bandwidth) scaled by a rank's share of the cores, against wall time; and with a core of its
-own, against the busiest rank's CPU time. Method and results: docs/benchmarks.md.
+ring simulator, and compare its prediction with ring attention measured at W = 2, 4, 8
+(shared cores vs wall time; own core vs CPU time). Method and results: docs/benchmarks.md.
 """
 
 from __future__ import annotations

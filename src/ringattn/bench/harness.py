@@ -1,15 +1,6 @@
-"""The one harness every ``ringattn bench`` command (and ``ringattn check``) runs on; each
-benchmark module states only what it measures, and writes through :mod:`.output`.
-
-* arguments: :func:`parser` (errors are one line naming the option), the shared problem
-  options with their choices (:func:`problem_args`) and :func:`check_problems`, which
-  rejects in the parent, before any rank starts, what the ranks would reject;
-* ranks: :func:`run_ranks` runs ``fn(rank, world, *args)`` on W local gloo ranks through
-  ``ringattn.launch.launch`` (W = 1: in this process, without a process group);
-* clocks: :func:`clock` and :func:`timed` (warm-up, then repeats: the best call and the
-  median);
-* the problem (:func:`problem`, seeded inputs) and the single-process SDPA reference
-  (times, and out/gradients to compare with).
+"""The one harness every ``ringattn bench`` command (and ``ringattn check``) runs on: argument
+checks in the parent, W local gloo ranks, warm-up/repeat clocks, seeded inputs and the
+single-process SDPA reference. Each benchmark module states only what it measures.
 """
 
 from __future__ import annotations
@@ -176,12 +167,8 @@ def _on_rank(fn: Callable, threads: int, device: str, args: tuple):
 
 
 def run_ranks(fn: Callable, world: int, *args, threads=1, device="cpu", here=None) -> list:
-    """``fn(rank, world, *args)`` on ``world`` local ranks (gloo on ``device="cpu"``),
-    results in rank order.
-
-    One launch (``fn`` must be module-level). ``here`` (default: ``world == 1``) runs the one
-    rank in this process instead, without a process group.
-    """
+    """``fn(rank, world, *args)`` (module-level) on ``world`` local ranks in one launch, results
+    in rank order; ``here`` (default: ``world == 1``) runs one rank in this process."""
     if world == 1 if here is None else here:
         return [fn(0, 1, *args)]
     res = launch(_on_rank, world, fn, threads, device, args)
@@ -208,12 +195,9 @@ def clock(into: dict, key: str = ""):
 
 
 def timed(run: Callable, repeats: int, key: str = "cpu_s", warmup: int = 1) -> tuple[dict, float]:
-    """``warmup`` untimed calls, then ``repeats`` timed ones. ``run()`` returns a dict of its
-    own measurements (e.g. from :func:`clock`), or anything else to be clocked whole
-    (``wall_s``, ``cpu_s``). Returns the call with the least ``key`` and the median of ``key``.
-
-    CPU time is the one to trust on a busy machine: it does not count waiting for a core.
-    """
+    """``warmup`` untimed calls, then ``repeats`` timed ones; ``run()`` returns its own
+    measurements (a dict) or is clocked whole. The call with the least ``key`` and the median
+    of ``key`` (CPU time, the default, does not count waiting for a core)."""
     for _ in range(warmup):
         run()
     runs = []

@@ -1,12 +1,6 @@
-"""``ringattn bench memory``: per-rank peak memory of attention fwd+bwd vs sequence and W, and
-the longest context a fixed per-rank budget allows, measured and from the planner.
-
-CPU has no allocator statistics, so a row gives (per rank, the largest rank) the peak of the
-tensor bytes alive during the call (:class:`LiveBytes`, beyond the inputs) and, as a
-cross-check that includes kernel scratch, the peak RSS growth (Linux). The ring's memory
-depends on the local block ``s / W`` only, so ``max context`` rows fit
-``peak = a * seq + b`` per W and solve for the budget, next to the planner's ``max_context``.
-Method and results: docs/benchmarks.md.
+"""``ringattn bench memory``: per-rank peak memory of attention fwd+bwd vs sequence and W (live
+tensor bytes and RSS growth), and the longest context a per-rank budget allows, from a
+linear fit and from the planner. Method and results: docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -1,13 +1,7 @@
-"""``ringattn bench peers``: other context-parallel attention implementations, side by side with
-ringattn in the same ranks, on the same global problem, in the same run: fwd+bwd wall and
-CPU time, ratios to ringattn with the same layout, and the max error of out, dq, dk, dv
-against single-process SDPA (a fast wrong answer is not a win).
-
-Peers: ``ring-attention-pytorch`` (its CPU path, when installed: ``pip install --no-deps
-ring-attention-pytorch einops beartype jaxtyping wadler-lindig``), ringattn with its
-pure-torch blockwise kernel, PyTorch's native ``context_parallel`` (attempted on CPU: the
-error it raises is the row's status), ``ring-flash-attn`` and ``flash_attn`` (CUDA only).
-Each runs a tiny problem first (gloo connects pairs lazily), then ``--repeats`` timed runs.
+"""``ringattn bench peers``: other context-parallel attention implementations (ring-attention-
+pytorch, ringattn's blockwise kernel, PyTorch's native ``context_parallel``; flash libraries on
+CUDA only) in the same ranks on the same problem: fwd+bwd time, ratios to ringattn and max
+errors against single-process SDPA. See docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -1,17 +1,7 @@
-"""``ringattn bench scaling`` (strong) and ``ringattn bench weak``.
-
-Strong scaling: the global problem is fixed, W grows. For each global sequence: the
-single-process SDPA reference and the ring at W = 2, 4, 8 (causal zigzag by default).
-
-Weak scaling: W and the global sequence double together, so every rank holds the same
-number of tokens. Per-rank *memory* and the work of one ring *step* stay flat; the total
-per-rank work grows like W because attention is quadratic (each rank meets W blocks of the
-same size). The table shows both: time per rank and time per ring step (= / W).
-
-Times on a machine with fewer cores than ranks: ``wall`` (slowest rank, from a barrier)
-includes waiting for a core; ``CPU/rank`` is the busiest rank's own CPU time (all its
-threads: compute plus gloo's copies) -- what a rank would take on a core of its own when
-communication hides behind compute. ``CPU total`` sums over ranks: the cost of the problem.
+"""``ringattn bench scaling`` (strong: fixed global problem, W grows, against single-process
+SDPA) and ``ringattn bench weak`` (W and the global sequence double together). Wall time
+includes waiting for a core; CPU/rank is a rank's time on a core of its own. See
+docs/benchmarks.md.
 """
 
 from __future__ import annotations

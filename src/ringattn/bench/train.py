@@ -1,11 +1,6 @@
-"""``ringattn bench train``: tokens/s, TFLOP/s per rank and MFU of the trainer.
-
-Runs a few optimizer steps of the real trainer (``ringattn.train``) at a fixed global
-context for each context-parallel degree, on local gloo ranks, and summarises the steps
-after warm-up from its metrics log: median tokens/s, TFLOP/s per rank (model FLOPs from
-``Transformer.flops_per_token``, attention included) and MFU against ``--peak-tflops`` per
-rank. With W ranks on 2 cores, per-rank throughput is bounded by the core share, so the
-table also gives tokens/s per core-second (tokens/s x W / min(W, cores)).
+"""``ringattn bench train``: tokens/s, TFLOP/s per rank and MFU of the real trainer at a fixed
+global context per context-parallel degree (median over the steps after warm-up), and
+tokens/s per core-second (W ranks share the cores).
 """
 
 from __future__ import annotations
