@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -256,27 +257,24 @@ def reduce_scatter_async(x: torch.Tensor, *, group=None, what: str = "reduce_sca
     return Pending([work], [out], f"rank {dist.get_rank(group)}: {what}")
 
 
-class _AllGather(torch.autograd.Function):
-    @staticmethod
+def _dual(name: str, fwd: Callable, bwd: Callable) -> type[torch.autograd.Function]:
+    """An autograd Function ``(x, dim, group)`` running collective ``fwd`` whose backward is
+    its dual ``bwd``: every rank used the whole gathered tensor, so a part's gradient is the
+    sum over ranks (all-gather <-> reduce-scatter)."""
+
     def forward(ctx, x, dim, group):
         ctx.dim, ctx.group = dim, group
-        return _all_gather_raw(x, dim, group)
+        return fwd(x, dim, group)
 
-    @staticmethod
     def backward(ctx, g):
-        # every rank used the whole gathered tensor: its part's gradient is the sum over ranks
-        return _reduce_scatter_raw(g, ctx.dim, ctx.group), None, None
+        return bwd(g, ctx.dim, ctx.group), None, None
+
+    methods = dict(forward=staticmethod(forward), backward=staticmethod(backward))
+    return type(name, (torch.autograd.Function,), methods)
 
 
-class _ReduceScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return _reduce_scatter_raw(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_gather_raw(g, ctx.dim, ctx.group), None, None
+_AllGather = _dual("_AllGather", _all_gather_raw, _reduce_scatter_raw)
+_ReduceScatter = _dual("_ReduceScatter", _reduce_scatter_raw, _all_gather_raw)
 
 
 class _AllToAll(torch.autograd.Function):

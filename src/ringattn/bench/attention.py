@@ -1,12 +1,6 @@
 """``ringattn bench attention``: ring (or another strategy) on W local gloo ranks against
-single-process SDPA on the same global problem, measured in the same run.
-
-Per (W, strategy, layout, causal, dtype, seq) row: forward and forward+backward wall time
-(max over ranks), CPU time summed over ranks, achieved attention TFLOP/s per rank (from the
-schedule's FLOP count), time blocked waiting on communication, bytes sent per rank, peak RSS
-per rank, and the SDPA reference timed in this process with the same thread count per rank.
-``cpu_ratio`` = total ring CPU time / SDPA CPU time for fwd+bwd: 1.0 means the ring costs no
-more CPU than one process doing the whole problem.
+single-process SDPA on the same global problem, measured in the same run: times, TFLOP/s
+per rank, communication wait and bytes, peak RSS; ``cpu_ratio`` = ring CPU / SDPA CPU.
 """
 
 from __future__ import annotations
@@ -89,16 +83,13 @@ def summarize(row: dict, ranks: list[dict], ref: dict | None) -> dict:
     flops = attention_flops(*args, **shape)
     fb_flops = [f + b for f, b in zip(flops, attention_flops(*args, **shape, backward=True))]
     per = {k: [r[k] for r in ranks] for k in ranks[0]}  # measurement -> per rank, rank order
+    # wall times, waits, bytes and RSS: the slowest rank's; CPU time: the sum over ranks
     res = dict(
         row,
-        fwd_s=max(per["fwd_s"]),
-        fwdbwd_s=max(per["fwdbwd_s"]),
-        fwd_cpu_s=sum(per["fwd_cpu_s"]),
-        fwdbwd_cpu_s=sum(per["fwdbwd_cpu_s"]),
-        wait_fwd_s=max(per["wait_fwd_s"]),
-        wait_fwdbwd_s=max(per["wait_fwdbwd_s"]),
-        bytes_sent_fwd=max(per["bytes_fwd"]),
-        bytes_sent_fwdbwd=max(per["bytes_fwdbwd"]),
+        **{k: max(per[k]) for k in ("fwd_s", "fwdbwd_s")},
+        **{k: sum(per[k]) for k in ("fwd_cpu_s", "fwdbwd_cpu_s")},
+        **{k: max(per[k]) for k in ("wait_fwd_s", "wait_fwdbwd_s")},
+        **{f"bytes_sent_{k}": max(per[f"bytes_{k}"]) for k in ("fwd", "fwdbwd")},
         peak_rss_mb=max(per["peak_rss_mb"]),
         flops_fwd_max_over_min=max(flops) / max(min(flops), 1),
         # achieved per rank = that rank's scheduled FLOPs / its own time (CPU time: with more
@@ -114,8 +105,9 @@ def summarize(row: dict, ranks: list[dict], ref: dict | None) -> dict:
     )
     if ref is not None:
         res.update({f"sdpa_{k}": v for k, v in ref.items()})
-        res["cpu_ratio_fwd"] = res["fwd_cpu_s"] / ref["fwd_cpu_s"]
-        res["cpu_ratio_fwdbwd"] = res["fwdbwd_cpu_s"] / ref["fwdbwd_cpu_s"]
+        res.update(
+            {f"cpu_ratio_{k}": res[f"{k}_cpu_s"] / ref[f"{k}_cpu_s"] for k in ("fwd", "fwdbwd")}
+        )
         res["wall_ratio_fwdbwd"] = res["fwdbwd_s"] / ref["fwdbwd_s"]
     return res
 

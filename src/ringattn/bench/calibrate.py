@@ -1,13 +1,6 @@
 """``ringattn bench calibrate``: measure this machine's kernel and gloo rates, feed them to the
-ring simulator, and compare its prediction with ring attention measured at W = 2, 4, 8.
-
-Measured (:mod:`ringattn.bench.rates`): the CPU fused op's forward and backward FLOP/s on one
-full ``c x c`` block (``c = seq / W``, CPU time), the ring exchange between 2 and between W
-ranks (latency and fitted bandwidth), the ring itself (``bench attention``'s timing) and the
-busiest rank's kernel calls replayed without the ring. The simulator runs the forward at the
-forward rate and the backward at the backward rate, twice per W: with the rates (and gloo's
-bandwidth) scaled by a rank's share of the cores, against wall time; and with a core of its
-own, against the busiest rank's CPU time. Method and results: docs/benchmarks.md.
+ring simulator, and compare its prediction with ring attention measured at W = 2, 4, 8
+(shared cores vs wall time; own core vs CPU time). Method and results: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -181,21 +174,19 @@ def plot(rows: list[dict], path: str) -> None:
         ax.set_ylim(bottom=0)
         output.style(ax, "W", "fwd+bwd seconds", title, logx=2, ticks=w)
     r0 = rows[0]
-    fig.suptitle(f"simulator vs measured: causal {r0['layout']}, seq {r0['seq']}, "
-                 f"{r0['dtype']}, {r0['heads']} heads x {r0['head_dim']}", fontsize=10)  # fmt: skip
-    output.save(fig, path, output.machine_line(r0.get("machine")))
+    output.save(fig, path, rows, f"simulator vs measured: causal {r0['layout']}, seq "
+                f"{r0['seq']}, {r0['dtype']}, {r0['heads']} heads x {r0['head_dim']}")  # fmt: skip
 
 
 def main(argv: list[str]) -> int:
-    p = h.parser("bench calibrate", __doc__)
+    p = h.parser("bench calibrate", __doc__, out="calibrate", repeats=2)
     h.problem_args(p, world=[2, 4, 8], seq=8192, many=("world",))
-    p.add_argument("--repeats", type=h.positive, default=2, help="timed ring runs after a warm-up")
     p.add_argument("--link-repeats", type=h.positive, default=5)
     p.add_argument("--cores", type=h.positive, default=None, help="default: this process's")
-    output.add_output_args(p, "calibrate")
-    args = p.parse_args(argv)
-    rows = [h.problem_of(args, world=w, seq=args.seq) for w in sorted(args.world)]
-    h.check_problems(p, rows)
+    args = h.parse(
+        p, argv, lambda a: [h.problem_of(a, world=w, seq=a.seq) for w in sorted(a.world)]
+    )
+    rows = args.problems
     torch.set_num_threads(1)
     n_cores = args.cores or output.cores()
     rates = {r["world"]: kernel_rates(r, r["seq"] // r["world"]) for r in rows}
@@ -212,6 +203,5 @@ def main(argv: list[str]) -> int:
     p2p = measured[2][1] if 2 in measured else _launch(2, [], args)[1]
     out = calibration_rows(rows, measured, rates, p2p, n_cores, probes, replays)
     out = output.stamp(out, "calibrate", cores=n_cores)
-    tables = [output.markdown_table(out, c) for c in (INPUT_COLUMNS, COLUMNS, SPLIT_COLUMNS)]
-    notes = NOTES.format(**{**vars(args), "cores": n_cores})
-    return output.report(out, "\n\n".join(tables), args, notes, plot)
+    tables = [INPUT_COLUMNS, COLUMNS, SPLIT_COLUMNS]
+    return output.report(out, args, tables, NOTES, plot, cores=n_cores)

@@ -43,14 +43,12 @@ def parse(argv: list[str]):
     h.problem_args(p, world=4, seq=32768)
     p.set_defaults(heads=4)
     p.add_argument("--json", action="store_true")
-    a = p.parse_args(argv)
-    h.check_problems(p, [h.problem_of(a, world=a.world, seq=a.seq)])
-    return a
+    return h.parse(p, argv, lambda a: [h.problem_of(a, world=a.world, seq=a.seq)])
 
 
 def main(argv: list[str]) -> int:
     a = parse(argv)
-    row = h.problem_of(a, world=a.world, seq=a.seq)
+    row = a.problems[0]
     torch.set_num_threads(1)
     print(
         f"ring attention check: W={a.world} gloo ranks on CPU, seq={a.seq}, heads={a.heads}, "

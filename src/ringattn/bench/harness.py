@@ -1,15 +1,6 @@
-"""The one harness every ``ringattn bench`` command (and ``ringattn check``) runs on; each
-benchmark module states only what it measures, and writes through :mod:`.output`.
-
-* arguments: :func:`parser` (errors are one line naming the option), the shared problem
-  options with their choices (:func:`problem_args`) and :func:`check_problems`, which
-  rejects in the parent, before any rank starts, what the ranks would reject;
-* ranks: :func:`run_ranks` runs ``fn(rank, world, *args)`` on W local gloo ranks through
-  ``ringattn.launch.launch`` (W = 1: in this process, without a process group);
-* clocks: :func:`clock` and :func:`timed` (warm-up, then repeats: the best call and the
-  median);
-* the problem (:func:`problem`, seeded inputs) and the single-process SDPA reference
-  (times, and out/gradients to compare with).
+"""The one harness every ``ringattn bench`` command (and ``ringattn check``) runs on: argument
+checks in the parent, W local gloo ranks, warm-up/repeat clocks, seeded inputs and the
+single-process SDPA reference. Each benchmark module states only what it measures.
 """
 
 from __future__ import annotations
@@ -26,6 +17,7 @@ import torch.nn.functional as F
 from ..kernels import KERNELS
 from ..launch import init_distributed, launch
 from ..layouts import LAYOUTS, permutation, shard
+from . import output
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -41,8 +33,25 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def parser(name: str, doc: str | None) -> Parser:
-    return Parser(prog=f"ringattn {name}", description=doc)
+def parser(name: str, doc: str | None, out: str | None = None, repeats: int = 0) -> Parser:
+    """The command's parser; with ``out``, ``--repeats`` (default ``repeats``, if any) and
+    :func:`output.add_output_args` (``--out runs/bench/<out>.jsonl``, ``--png``, ``--md``)."""
+    p = Parser(prog=f"ringattn {name}", description=doc)
+    if repeats:
+        p.add_argument(
+            "--repeats", type=positive, default=repeats, help="timed runs after a warm-up"
+        )
+    if out:
+        output.add_output_args(p, out)
+    return p
+
+
+def parse(p: argparse.ArgumentParser, argv: list[str], problems: Callable, **opts):
+    """The options, with ``args.problems = problems(args)`` checked by :func:`check_problems`."""
+    args = p.parse_args(argv)
+    args.problems = problems(args)
+    check_problems(p, args.problems, **opts)
+    return args
 
 
 def positive(text: str) -> int:
@@ -158,12 +167,8 @@ def _on_rank(fn: Callable, threads: int, device: str, args: tuple):
 
 
 def run_ranks(fn: Callable, world: int, *args, threads=1, device="cpu", here=None) -> list:
-    """``fn(rank, world, *args)`` on ``world`` local ranks (gloo on ``device="cpu"``),
-    results in rank order.
-
-    One launch (``fn`` must be module-level). ``here`` (default: ``world == 1``) runs the one
-    rank in this process instead, without a process group.
-    """
+    """``fn(rank, world, *args)`` (module-level) on ``world`` local ranks in one launch, results
+    in rank order; ``here`` (default: ``world == 1``) runs one rank in this process."""
     if world == 1 if here is None else here:
         return [fn(0, 1, *args)]
     res = launch(_on_rank, world, fn, threads, device, args)
@@ -190,12 +195,9 @@ def clock(into: dict, key: str = ""):
 
 
 def timed(run: Callable, repeats: int, key: str = "cpu_s", warmup: int = 1) -> tuple[dict, float]:
-    """``warmup`` untimed calls, then ``repeats`` timed ones. ``run()`` returns a dict of its
-    own measurements (e.g. from :func:`clock`), or anything else to be clocked whole
-    (``wall_s``, ``cpu_s``). Returns the call with the least ``key`` and the median of ``key``.
-
-    CPU time is the one to trust on a busy machine: it does not count waiting for a core.
-    """
+    """``warmup`` untimed calls, then ``repeats`` timed ones; ``run()`` returns its own
+    measurements (a dict) or is clocked whole. The call with the least ``key`` and the median
+    of ``key`` (CPU time, the default, does not count waiting for a core)."""
     for _ in range(warmup):
         run()
     runs = []
@@ -219,16 +221,15 @@ def sdpa(row: dict, q, k, v):
 def sdpa_reference(row: dict, repeats: int) -> dict:
     """Single-process ``F.scaled_dot_product_attention`` on the whole problem, in this
     process (set its threads first): best fwd and fwd+bwd wall and CPU seconds."""
-    q, k, v, do = (t.transpose(1, 2) for t in make_inputs(row))  # (b, h, s, d) views
+    inputs = make_inputs(row)
+    q, k, v, _ = (t.transpose(1, 2) for t in inputs)  # (b, h, s, d) views
 
     def run() -> dict:
-        ql, kl, vl = (t.detach().clone().requires_grad_() for t in (q, k, v))
         m: dict = {}
         with torch.no_grad(), clock(m, "fwd"):
             sdpa(row, q, k, v)
-        with clock(m, "fwdbwd"):
-            sdpa(row, ql, kl, vl).backward(do)
-        return m
+        fb = sdpa_grads(row, inputs)
+        return dict(m, fwdbwd_s=fb["wall_s"], fwdbwd_cpu_s=fb["cpu_s"])
 
     return timed(run, repeats, key="fwdbwd_s")[0]
 

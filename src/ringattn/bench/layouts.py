@@ -1,10 +1,6 @@
-"""``ringattn bench layouts``: causal load balance of contiguous, zigzag and striped.
-
-Same global causal problem, one launch of W ranks for all three layouts. Per rank: the
-attention FLOPs the schedule assigns (``ringattn.schedule.attention_flops``, fwd + bwd) and
-the rank's measured fwd+bwd CPU time. The slowest rank sets the pace of a ring, so the
-numbers to read are ``max/min`` and ``max / mean``: the fraction of the machine a layout
-wastes waiting for its busiest rank.
+"""``ringattn bench layouts``: causal load balance of contiguous, zigzag and striped: per rank,
+the schedule's fwd+bwd FLOPs and the measured CPU time, one launch of W ranks for all three.
+The slowest rank sets the pace: read max/min and max/mean. See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -21,15 +17,10 @@ def balance(values: list[float]) -> dict:
 
 
 def layout_rows(results: list[dict]) -> list[dict]:
-    out = []
-    for r in results:
-        f = balance(r["flops_fwdbwd_per_rank"])
-        t = balance(r["fwdbwd_cpu_per_rank"])
-        out.append(dict(r, flops_max_over_min=f["max_over_min"],
-                        flops_max_over_mean=f["max_over_mean"],
-                        time_max_over_min=t["max_over_min"],
-                        time_max_over_mean=t["max_over_mean"]))  # fmt: skip
-    return out
+    """Each row with ``{flops,time}_max_over_{min,mean}``."""
+    per = dict(flops="flops_fwdbwd_per_rank", time="fwdbwd_cpu_per_rank")
+    bal = lambda r: {f"{n}_{k}": v for n, key in per.items() for k, v in balance(r[key]).items()}
+    return [dict(r, **bal(r)) for r in results]
 
 
 def _per_rank(key: str, scale: float, fmt: str):
@@ -67,19 +58,14 @@ def plot(rows: list[dict], path: str) -> None:
         ax.set_xticks(range(w), [f"rank {r}" for r in range(w)])
         output.style(ax, "", y)
     r0 = rows[0]
-    fig.suptitle(f"causal load balance, W={w}, seq={r0['seq']}, {r0['dtype']}, "
-                 f"{r0['heads']} heads x {r0['head_dim']}", fontsize=10)  # fmt: skip
-    output.save(fig, path, output.machine_line(r0.get("machine")))
+    output.save(fig, path, rows, f"causal load balance, W={w}, seq={r0['seq']}, {r0['dtype']}, "
+                f"{r0['heads']} heads x {r0['head_dim']}")  # fmt: skip
 
 
 def main(argv: list[str]) -> int:
-    p = h.parser("bench layouts", __doc__)
+    p = h.parser("bench layouts", __doc__, out="layouts", repeats=1)
     h.problem_args(p, world=4, seq=8192, many=("layout",), extra=("kernel",))
-    p.add_argument("--repeats", type=h.positive, default=1, help="timed runs after a warm-up")
-    output.add_output_args(p, "layouts")
-    args = p.parse_args(argv)
-    probs = [h.problem_of(args, world=args.world, seq=args.seq, layout=lay) for lay in args.layout]
-    h.check_problems(p, probs)
-    rows = output.stamp(layout_rows(measure(probs, args.repeats, reference=False)), "layouts")
-    notes = NOTES.format(**vars(args), cores=output.cores())
-    return output.report(rows, output.markdown_table(rows, COLUMNS), args, notes, plot)
+    probs = lambda a: [h.problem_of(a, world=a.world, seq=a.seq, layout=lay) for lay in a.layout]
+    args = h.parse(p, argv, probs)
+    rows = layout_rows(measure(args.problems, args.repeats, reference=False))
+    return output.report(output.stamp(rows, "layouts"), args, [COLUMNS], NOTES, plot)

@@ -1,12 +1,6 @@
-"""``ringattn bench memory``: per-rank peak memory of attention fwd+bwd vs sequence and W, and
-the longest context a fixed per-rank budget allows, measured and from the planner.
-
-CPU has no allocator statistics, so a row gives (per rank, the largest rank) the peak of the
-tensor bytes alive during the call (:class:`LiveBytes`, beyond the inputs) and, as a
-cross-check that includes kernel scratch, the peak RSS growth (Linux). The ring's memory
-depends on the local block ``s / W`` only, so ``max context`` rows fit
-``peak = a * seq + b`` per W and solve for the budget, next to the planner's ``max_context``.
-Method and results: docs/benchmarks.md.
+"""``ringattn bench memory``: per-rank peak memory of attention fwd+bwd vs sequence and W (live
+tensor bytes and RSS growth), and the longest context a per-rank budget allows, from a
+linear fit and from the planner. Method and results: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -272,23 +266,23 @@ def plot(rows: list[dict], path: str) -> None:
     output.style(axes[1], "W (ranks)", "longest context (tokens)",
             "longest context at a fixed per-rank budget (dotted: ~W)", logx=2, logy=2,
             ticks=ws, legend=7)  # fmt: skip
-    meas = [r for r in rows if r.get("kind") == "measure"]
-    output.save(fig, path, output.machine_line(meas[0].get("machine") if meas else None))
+    output.save(fig, path, rows)
 
 
 def main(argv: list[str]) -> int:
-    p = h.parser("bench memory", __doc__)
+    p = h.parser("bench memory", __doc__, out="memory")
     h.problem_args(p, world=[1, 2, 4, 8], seq=[2048, 4096, 8192, 16384], many=("world", "seq"))
     p.add_argument("--no-sdpa", action="store_true", help="skip the single-process SDPA rows")
     p.add_argument("--budget-mb", type=float, default=256.0, help="per-rank budget for max ctx")
     p.add_argument("--plan-model", nargs="+", default=["tiny", "llama-7b"], choices=PRESETS)
     p.add_argument("--plan-hardware", default="a100-nvlink", choices=[*HARDWARE, "cpu"])
     p.add_argument("--plan-world", type=h.positive, nargs="+", default=[2, 4, 8, 16])
-    output.add_output_args(p, "memory")
-    args = p.parse_args(argv)
-    probs = {w: [h.problem_of(args, world=w, seq=s, impl="ring") for s in args.seq]
-             for w in sorted(args.world)}  # fmt: skip
-    h.check_problems(p, [r for rows in probs.values() for r in rows])
+    worlds = lambda a: sorted(set(a.world))
+    grid = lambda a: [
+        h.problem_of(a, world=w, seq=s, impl="ring") for w in worlds(a) for s in a.seq
+    ]
+    args = h.parse(p, argv, grid)
+    probs = {w: [r for r in args.problems if r["world"] == w] for w in worlds(args)}
     if 1 in probs and not args.no_sdpa:  # in this process: the one-rank ring, then SDPA
         probs[1] += [dict(r, impl="sdpa") for r in probs[1]]
     torch.set_num_threads(1)
@@ -301,6 +295,5 @@ def main(argv: list[str]) -> int:
         # the tiny model at the measured budget; real models at the hardware's own memory
         mem = args.budget_mb if model == "tiny" else None
         ctx += planner_rows(model, args.plan_hardware, args.plan_world, mem)
-    tables = output.markdown_table(rows, COLUMNS) + "\n\n" + output.markdown_table(ctx, CTX_COLUMNS)
-    notes = NOTES.format(**vars(args))
-    return output.report(output.stamp(rows + ctx, "memory"), tables, args, notes, plot)
+    tables = [(rows, COLUMNS), (ctx, CTX_COLUMNS)]
+    return output.report(output.stamp(rows + ctx, "memory"), args, tables, NOTES, plot)

@@ -115,11 +115,14 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[Column]) -> str:
     return "\n".join([head, sep, *body])
 
 
-def report(rows: list[dict], tables: str, args, notes: str = "", plot=None) -> int:
-    """Write the JSON lines, the optional markdown file and ``plot(rows, args.png)``; print
-    the tables on stdout. Returns 0 (a command's exit code)."""
+def report(rows: list[dict], args, tables: Sequence, notes="", plot=None, **fmt) -> int:
+    """Write the JSON lines, print each table (a list of columns; ``(rows, columns)`` for
+    other rows) of ``rows`` and ``notes`` formatted with the options, ``cores`` and ``fmt``
+    (also to ``--md``), draw ``plot(rows, args.png)``. Returns 0 (a command's exit code)."""
     write_rows(rows, args.out)
-    text = tables + (f"\n\n{notes}" if notes else "")
+    tabs = [markdown_table(*(t if isinstance(t, tuple) else (rows, t))) for t in tables]
+    notes = notes.format(**{**vars(args), "cores": cores(), **fmt})
+    text = "\n\n".join(tabs) + (f"\n\n{notes}" if notes else "")
     print(text)
     if getattr(args, "md", None):
         Path(args.md).parent.mkdir(parents=True, exist_ok=True)
@@ -164,13 +167,14 @@ def style(ax, xlabel: str, ylabel: str, title=None, logx=None, logy=None, ticks=
         ax.legend(fontsize=legend)
 
 
-def save(fig, path: str, title_note: str | None = None) -> None:
-    """Save ``fig`` as a PNG; ``title_note`` (e.g. the machine) goes under the plots."""
-    if title_note:
-        fig.text(0.5, 0.005, title_note, ha="center", va="bottom", fontsize=7, color="0.35")
-        fig.tight_layout(rect=(0, 0.03, 1, 1))
-    else:
-        fig.tight_layout()
+def save(fig, path: str, rows: Sequence[dict], title: str | None = None) -> None:
+    """Save ``fig`` as a PNG under ``title``; the machine of the first row that has one goes
+    under the plots."""
+    if title:
+        fig.suptitle(title, fontsize=10)
+    m = next((r["machine"] for r in rows if r.get("machine")), None)
+    fig.text(0.5, 0.005, machine_line(m), ha="center", va="bottom", fontsize=7, color="0.35")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     pyplot().close(fig)

@@ -1,13 +1,7 @@
-"""``ringattn bench peers``: other context-parallel attention implementations, side by side with
-ringattn in the same ranks, on the same global problem, in the same run: fwd+bwd wall and
-CPU time, ratios to ringattn with the same layout, and the max error of out, dq, dk, dv
-against single-process SDPA (a fast wrong answer is not a win).
-
-Peers: ``ring-attention-pytorch`` (its CPU path, when installed: ``pip install --no-deps
-ring-attention-pytorch einops beartype jaxtyping wadler-lindig``), ringattn with its
-pure-torch blockwise kernel, PyTorch's native ``context_parallel`` (attempted on CPU: the
-error it raises is the row's status), ``ring-flash-attn`` and ``flash_attn`` (CUDA only).
-Each runs a tiny problem first (gloo connects pairs lazily), then ``--repeats`` timed runs.
+"""``ringattn bench peers``: other context-parallel attention implementations (ring-attention-
+pytorch, ringattn's blockwise kernel, PyTorch's native ``context_parallel``; flash libraries on
+CUDA only) in the same ranks on the same problem: fwd+bwd time, ratios to ringattn and max
+errors against single-process SDPA. See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -181,27 +175,22 @@ def plot(rows: list[dict], path: str) -> None:
     ax.bar(range(len(ran)), [r["cpu_vs_sdpa"] for r in ran], color=colors)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(range(len(ran)), labels, fontsize=7)
-    title = (f"peers, W={ran[0]['world']}, causal seq {ran[0]['seq']} (green: exact, red: "
-             "wrong gradients)")  # fmt: skip
-    output.style(ax, "", "CPU time / single-process SDPA (fwd+bwd)", title, logy=10, legend=0)
-    output.save(fig, path, output.machine_line(ran[0].get("machine")))
+    title = f"peers, W={ran[0]['world']}, causal seq {ran[0]['seq']} (green: exact, red: wrong"
+    output.style(ax, "", "CPU time / single-process SDPA (fwd+bwd)", title + " gradients)",
+                 logy=10, legend=0)  # fmt: skip
+    output.save(fig, path, ran)
 
 
 def main(argv: list[str]) -> int:
-    p = h.parser("bench peers", __doc__)
-    p.add_argument("--world", type=h.positive, default=4)
-    p.add_argument("--seq", type=h.positive, default=4096)
-    p.add_argument("--heads", type=h.positive, default=8)
-    p.add_argument("--head-dim", type=h.positive, default=64)
-    p.add_argument(
-        "--peer-bucket", type=h.positive, default=1024, help="ring-attention-pytorch tile"
-    )
-    p.add_argument("--repeats", type=h.positive, default=2, help="timed runs per impl (best kept)")
+    p = h.parser("bench peers", __doc__, out="peers", repeats=2)
+    for opt, default in (("--world", 4), ("--seq", 4096), ("--heads", 8), ("--head-dim", 64)):
+        p.add_argument(opt, type=h.positive, default=default)
+    p.add_argument("--peer-bucket", type=h.positive, default=1024, help="peer tile size")
     p.add_argument("--no-torch-cp", action="store_true", help="skip the native CP attempt")
-    output.add_output_args(p, "peers")
-    args = p.parse_args(argv)
-    row = h.problem_of(args, world=args.world, seq=args.seq, peer_bucket=args.peer_bucket)
-    h.check_problems(p, [row])  # zigzag (every layout runs): seq % 2W == 0
+    # zigzag (every layout runs): seq % 2W == 0
+    prob = lambda a: [h.problem_of(a, world=a.world, seq=a.seq, peer_bucket=a.peer_bucket)]
+    args = h.parse(p, argv, prob)
+    row = args.problems[0]
     torch.set_num_threads(1)
     lucid = _installed("ring_attention_pytorch")
     plan = [(i, lay) for i, (_, lays) in IMPLS.items() for lay in lays]
@@ -209,8 +198,6 @@ def main(argv: list[str]) -> int:
     res = h.run_ranks(_rank, args.world, row, plan, args.repeats, not args.no_torch_cp, here=False)
     sdpa = h.sdpa_reference(row, args.repeats)
     ref = dict(h.sdpa_grads(row), wall_s=sdpa["fwdbwd_s"], cpu_s=sdpa["fwdbwd_cpu_s"])
-    rows = output.stamp(
-        peer_rows(row, res, ref, plan) + note_rows(row, res[0]["torch-cp"], lucid), "peers"
-    )
-    notes = NOTES.format(**vars(args), cores=output.cores(), tol=FP32_TOL, sdpa=ref["cpu_s"])
-    return output.report(rows, output.markdown_table(rows, COLUMNS), args, notes, plot)
+    rows = peer_rows(row, res, ref, plan) + note_rows(row, res[0]["torch-cp"], lucid)
+    rows = output.stamp(rows, "peers")
+    return output.report(rows, args, [COLUMNS], NOTES, plot, tol=FP32_TOL, sdpa=ref["cpu_s"])

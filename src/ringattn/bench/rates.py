@@ -45,13 +45,9 @@ def kernel_rates(row: dict, block: int, repeats: int = 2) -> dict:
 
 
 def replay_rank(row: dict, rank: int, repeats: int = 1) -> dict:
-    """CPU seconds of exactly the kernel calls ``rank``'s schedule makes (fwd, bwd), here,
-    without communication, merges or accumulation: the ring's pure kernel time.
-
-    Sits between the simulator (FLOP-proportional: a half or causal block costs its share of
-    a full one) and the measured ring (kernels + LSE merges + gloo copies), so the error of
-    each can be told apart.
-    """
+    """CPU seconds of exactly the kernel calls ``rank``'s schedule makes (fwd, bwd), without
+    communication, merges or accumulation: between the simulator (FLOP-proportional) and the
+    measured ring, so the error of each can be told apart."""
     w, n = row["world"], row["seq"] // row["world"]
     plan = ring_plan(row["layout"], row["causal"], rank, w, n)
     q, k, v, do = _block(row, n)
@@ -97,12 +93,9 @@ def time_exchanges(sizes: tuple[int, ...], repeats: int, barrier) -> list[float]
 
 
 def fit_link(sizes: list[float], times: list[float]) -> tuple[float, float]:
-    """(latency_s, bytes/s) of ``t = latency + bytes / bandwidth``.
-
-    Latency is the time of the smallest message (a least-squares intercept over 64 B to 16
-    MiB is dominated by the large ones and can even go negative); the bandwidth is the
-    least-squares slope of the larger messages with that intercept held fixed.
-    """
+    """(latency_s, bytes/s) of ``t = latency + bytes / bandwidth``: latency is the smallest
+    message's time (a fitted intercept can go negative), the bandwidth the least-squares
+    slope of the larger ones with it held fixed."""
     pts = sorted(zip(sizes, times))
     lat = pts[0][1]
     rest = pts[1:] or pts
@@ -113,10 +106,7 @@ def fit_link(sizes: list[float], times: list[float]) -> tuple[float, float]:
 
 
 def probe_share(seconds: float = 0.3) -> float:
-    """Fraction of a core one process gets right now: CPU time / wall time of a busy loop.
-
-    1.0 on an idle machine; less when other processes compete for the cores.
-    """
+    """Fraction of a core one process gets now (CPU / wall time of a busy loop; 1.0: idle)."""
     a = torch.randn(128, 128)
     t0, c0 = time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds:
@@ -125,11 +115,8 @@ def probe_share(seconds: float = 0.3) -> float:
 
 
 def core_share(world: int, n_cores: int, probe: float | None = None) -> float:
-    """A rank's fraction of a core when ``world`` ranks run on ``n_cores`` cores.
-
-    Idle machine (``probe`` None or 1): ``min(1, cores / W)``. With a probe p < 1, the other
-    runnable processes are estimated as ``cores / p - 1`` and share the cores with the W ranks.
-    """
+    """A rank's fraction of a core, ``world`` ranks on ``n_cores`` cores: ``min(1, cores / W)``
+    idle; with a probe p < 1, ``cores / p - 1`` other processes share the cores too."""
     # p >= 0.98 cannot tell 0 from cores - 1 other processes: read it as an idle machine
     background = 0.0 if probe is None or probe >= 0.98 else n_cores / max(probe, 1e-3) - 1.0
     return min(1.0, n_cores / (world + background))

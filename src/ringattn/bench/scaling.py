@@ -1,17 +1,7 @@
-"""``ringattn bench scaling`` (strong) and ``ringattn bench weak``.
-
-Strong scaling: the global problem is fixed, W grows. For each global sequence: the
-single-process SDPA reference and the ring at W = 2, 4, 8 (causal zigzag by default).
-
-Weak scaling: W and the global sequence double together, so every rank holds the same
-number of tokens. Per-rank *memory* and the work of one ring *step* stay flat; the total
-per-rank work grows like W because attention is quadratic (each rank meets W blocks of the
-same size). The table shows both: time per rank and time per ring step (= / W).
-
-Times on a machine with fewer cores than ranks: ``wall`` (slowest rank, from a barrier)
-includes waiting for a core; ``CPU/rank`` is the busiest rank's own CPU time (all its
-threads: compute plus gloo's copies) -- what a rank would take on a core of its own when
-communication hides behind compute. ``CPU total`` sums over ranks: the cost of the problem.
+"""``ringattn bench scaling`` (strong: fixed global problem, W grows, against single-process
+SDPA) and ``ringattn bench weak`` (W and the global sequence double together). Wall time
+includes waiting for a core; CPU/rank is a rank's time on a core of its own. See
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -25,18 +15,14 @@ from .attention import measure
 
 def _parse(name: str, argv: list[str], world: list[int], seq, pairs) -> argparse.Namespace:
     """The shared options; ``pairs(args)`` gives the (world, seq) problems, checked here."""
-    p = h.parser(f"bench {name}", __doc__)
+    p = h.parser(f"bench {name}", __doc__, out=name, repeats=1)
     h.problem_args(p, world=world, seq=seq, many=("world", "seq"), extra=("kv_heads", "kernel"))
     if seq is None:
         p.add_argument("--seq-per-rank", type=h.positive, default=1024)
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--repeats", type=h.positive, default=1, help="timed runs after one warm-up")
     p.add_argument("--threads", type=h.positive, default=1, help="threads per rank and SDPA")
-    output.add_output_args(p, name)
-    args = p.parse_args(argv)
-    args.problems = [h.problem_of(args, world=w, seq=s) for w, s in pairs(args)]
-    h.check_problems(p, args.problems, seq_opt="--seq" if seq else "--seq-per-rank")
-    return args
+    probs = lambda a: [h.problem_of(a, world=w, seq=s) for w, s in pairs(a)]
+    return h.parse(p, argv, probs, seq_opt="--seq" if seq else "--seq-per-rank")
 
 
 # --- strong -------------------------------------------------------------------------------
@@ -89,17 +75,15 @@ def plot_strong(rows: list[dict], path: str) -> None:
         output.style(ax, "global sequence (tokens)", "fwd+bwd seconds", title, logx=2, logy=10)
     r0 = rows[0]
     causal = "causal " if r0["causal"] else ""
-    fig.suptitle(f"strong scaling: {causal}{r0['layout']}, {r0['dtype']}, "
-                 f"{r0['heads']} heads x {r0['head_dim']}", fontsize=10)  # fmt: skip
-    output.save(fig, path, output.machine_line(r0.get("machine") or rows[-1].get("machine")))
+    output.save(fig, path, rows, f"strong scaling: {causal}{r0['layout']}, {r0['dtype']}, "
+                f"{r0['heads']} heads x {r0['head_dim']}")  # fmt: skip
 
 
 def strong_main(argv: list[str]) -> int:
     pairs = lambda a: [(w, s) for w in a.world for s in a.seq]
     args = _parse("scaling", argv, [2, 4, 8], [2048, 4096, 8192], pairs)
     rows = output.stamp(strong_rows(measure(args.problems, args.repeats, args.threads)), "scaling")
-    table = output.markdown_table(rows, STRONG_COLUMNS)
-    return output.report(rows, table, args, NOTES.format(cores=output.cores()), plot_strong)
+    return output.report(rows, args, [STRONG_COLUMNS], NOTES, plot_strong)
 
 
 # --- weak ---------------------------------------------------------------------------------
@@ -147,8 +131,7 @@ def plot_weak(rows: list[dict], path: str) -> None:
     output.style(axes[0], x, "fwd+bwd seconds", per_rank, logx=2, logy=10, ticks=w)
     output.style(axes[1], x, "TFLOP/s per rank (CPU time)", "kernel throughput per rank", logx=2,
             ticks=w, legend=0)  # fmt: skip
-    fig.suptitle("weak scaling", fontsize=10)
-    output.save(fig, path, output.machine_line(rows[-1].get("machine")))
+    output.save(fig, path, rows, "weak scaling")
 
 
 def weak_main(argv: list[str]) -> int:
@@ -156,5 +139,4 @@ def weak_main(argv: list[str]) -> int:
     args = _parse("weak", argv, [1, 2, 4, 8], None, pairs)
     results = measure(args.problems, args.repeats, args.threads, reference=False)
     rows = output.stamp(weak_rows(results), "weak")
-    table = output.markdown_table(rows, WEAK_COLUMNS)
-    return output.report(rows, table, args, WEAK_NOTES.format(cores=output.cores()), plot_weak)
+    return output.report(rows, args, [WEAK_COLUMNS], WEAK_NOTES, plot_weak)

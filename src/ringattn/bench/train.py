@@ -1,11 +1,6 @@
-"""``ringattn bench train``: tokens/s, TFLOP/s per rank and MFU of the trainer.
-
-Runs a few optimizer steps of the real trainer (``ringattn.train``) at a fixed global
-context for each context-parallel degree, on local gloo ranks, and summarises the steps
-after warm-up from its metrics log: median tokens/s, TFLOP/s per rank (model FLOPs from
-``Transformer.flops_per_token``, attention included) and MFU against ``--peak-tflops`` per
-rank. With W ranks on 2 cores, per-rank throughput is bounded by the core share, so the
-table also gives tokens/s per core-second (tokens/s x W / min(W, cores)).
+"""``ringattn bench train``: tokens/s, TFLOP/s per rank and MFU of the real trainer at a fixed
+global context per context-parallel degree (median over the steps after warm-up), and
+tokens/s per core-second (W ranks share the cores).
 """
 
 from __future__ import annotations
@@ -19,6 +14,7 @@ from ..cp import STRATEGIES
 from ..model.config import PRESETS
 from ..train.cli import run_worker
 from ..train.config import load_config
+from ..train.traced import count_worker
 from . import harness as h
 from . import output
 
@@ -75,16 +71,12 @@ def _worker(rank: int, world: int, cfg_dict: dict) -> dict:
     return run_worker(cfg_dict)  # joins the group itself, with the trainer's settings
 
 
-def _count_worker(rank: int, world: int, cfg_dict: dict) -> dict:
-    return count_worker(cfg_dict)
-
-
 def run_one(a, cp: int) -> dict:
     cfg = a.configs[cp]
     log = Path(cfg.train.out_dir) / "metrics.jsonl"
     log.unlink(missing_ok=True)  # a fresh log per run
     par = cfg.parallel
-    fn = _count_worker if a.count_comm else _worker
+    fn = count_worker if a.count_comm else _worker
     ranks = h.run_ranks(fn, cp, cfg.to_dict(), threads=par.threads_per_rank,
                         device=par.device, here=False)  # fmt: skip
     summary = ranks[0]
@@ -103,48 +95,6 @@ def run_one(a, cp: int) -> dict:
         row["cpu_s_per_step"] = statistics.median(p["cpu_s"] for p in per_step)
         row["dist_calls_per_step"] = per_step[-1]["calls"]
     return row
-
-
-def count_worker(cfg_dict: dict) -> dict:
-    """``run_worker`` with every train step traced: torch.distributed calls by function and
-    CPU seconds (process time of this rank; the summary keeps rank 0's calls and the max
-    CPU time over ranks)."""
-    import time
-
-    import torch
-    import torch.distributed as dist
-
-    from ..dist_trace import trace_dist
-    from ..launch import init_distributed
-    from ..train.config import Config
-    from ..train.trainer import Trainer
-
-    cfg = Config.from_dict(cfg_dict)
-    init_distributed(threads=cfg.parallel.threads_per_rank, device=cfg.parallel.device)
-    try:
-        trainer, per_step = Trainer(cfg), []
-        step_fn = trainer.train_step
-
-        def traced_step(step: int) -> dict:
-            with trace_dist() as trace:
-                c0 = time.process_time()
-                row = step_fn(step)
-                cpu = time.process_time() - c0
-            per_step.append({"calls": dict(sorted(trace.calls.items())), "cpu_s": cpu})
-            return row
-
-        trainer.train_step = traced_step
-        summary = trainer.fit()
-        cpu = torch.tensor(
-            [p["cpu_s"] for p in per_step], dtype=torch.float64, device=trainer.device
-        )
-        dist.all_reduce(cpu, op=dist.ReduceOp.MAX)
-        for p, c in zip(per_step, cpu.tolist()):
-            p["cpu_s"] = c
-        summary["per_step"] = per_step
-        return summary
-    finally:
-        dist.destroy_process_group()
 
 
 COLUMNS = output.columns(

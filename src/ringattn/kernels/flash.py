@@ -92,6 +92,13 @@ def _check(op: str, q, k, v, **more) -> None:
         require(t.stride(-1) == 1, op, f"{name} needs a contiguous last dim")
 
 
+def _kw(scale: float, causal: bool) -> dict:
+    """The keyword arguments flash_attn's forward and backward share (no dropout, softcap
+    or ALiBi)."""
+    return dict(dropout_p=0.0, softmax_scale=float(scale), causal=bool(causal), softcap=0.0,
+                alibi_slopes=None)  # fmt: skip
+
+
 def flash_forward(q, k, v, *, causal: bool, scale: float, mask=None):
     """q (b, h, sq, d), k/v (b, h_kv, sk, d) -> out (b, h, sq, d), lse (b, h, sq) fp32."""
     require(mask is None, "flash_attn", "takes no general mask (routed to the SDPA op)")
@@ -100,16 +107,8 @@ def flash_forward(q, k, v, *, causal: bool, scale: float, mask=None):
 
     qs, ks, vs = (t.transpose(1, 2) for t in (q, k, v))  # (b, s, h, d) views
     _check("flash_attn forward", qs, ks, vs)
-    kw = dict(
-        dropout_p=0.0,
-        softmax_scale=float(scale),
-        causal=bool(causal),
-        softcap=0.0,
-        alibi_slopes=None,
-        return_softmax=False,
-    )
     window, lse_at = _convention()
-    res = fa._flash_attn_forward(qs, ks, vs, **window, **kw)
+    res = fa._flash_attn_forward(qs, ks, vs, **window, **_kw(scale, causal), return_softmax=False)
     return res[0].transpose(1, 2), res[lse_at]
 
 
@@ -126,14 +125,7 @@ def flash_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, mask=
     _check("flash_attn backward", qs, ks, vs, dout=do, out=o, dq=dq, dk=dk, dv=dv)
     b, sq, h, _ = qs.shape
     require(lse.dtype == torch.float32 and tuple(lse.shape) == (b, h, sq), "flash_attn", "lse")
-    kw = dict(
-        dropout_p=0.0,
-        softmax_scale=float(scale),
-        causal=bool(causal),
-        softcap=0.0,
-        alibi_slopes=None,
-        deterministic=False,
-    )
+    kw = dict(_kw(scale, causal), deterministic=False)
     # 2.7+ fills dq, dk, dv and returns softmax_d; 2.6 also returns them: use our buffers
     fa._flash_attn_backward(do, qs, ks, vs, o, lse, dq, dk, dv, **_convention()[0], **kw)
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)

@@ -77,29 +77,17 @@ HARDWARE: dict[str, Hardware] = {
 }
 
 
-def get_hardware(
-    name: str,
-    *,
-    flops: float | None = None,
-    mem_bytes: float | None = None,
-    link_bw: float | None = None,
-    latency_s: float | None = None,
-    efficiency: float | None = None,
-    matmul_efficiency: float | None = None,
-) -> Hardware:
-    """A preset (or ``"cpu"``, measured now) with any field overridden explicitly."""
-    over = {
-        k: v
-        for k, v in dict(
-            flops=flops,
-            mem_bytes=mem_bytes,
-            link_bw=link_bw,
-            latency_s=latency_s,
-            efficiency=efficiency,
-            matmul_efficiency=matmul_efficiency,
-        ).items()
-        if v is not None
-    }
+# what ``get_hardware`` may override (``measure_cpu`` measures those not given)
+OVERRIDES = ("flops", "mem_bytes", "link_bw", "latency_s", "efficiency", "matmul_efficiency")
+
+
+def get_hardware(name: str, **over: float | None) -> Hardware:
+    """A preset (or ``"cpu"``, measured now) with any of :data:`OVERRIDES` overridden (None:
+    keep the preset's value)."""
+    bad = sorted(set(over) - set(OVERRIDES))
+    if bad:
+        raise TypeError(f"get_hardware: unknown overrides {bad}; expected {OVERRIDES}")
+    over = {k: v for k, v in over.items() if v is not None}
     if name == "cpu":
         return measure_cpu(**over)
     if name not in HARDWARE:
