@@ -33,9 +33,11 @@ def meta_vs_eager_case(cfg_dict: dict) -> dict | None:
 
     cfg, mesh = _setup(cfg_dict)
     dev = torch.device("cpu")
-    meta = _full(build_parallel_model(cfg, mesh, dev, init="meta")[0])
+    model = build_parallel_model(cfg, mesh, dev, init="meta")[0]
+    tied = model.output.weight is model.tok_embeddings.weight  # still shared after to_empty
+    meta = _full(model)
     eager = _full(build_parallel_model(cfg, mesh, dev, init="eager")[0])
-    return {"meta": meta, "eager": eager} if dist.get_rank() == 0 else None
+    return {"meta": meta, "eager": eager, "tied": tied} if dist.get_rank() == 0 else None
 
 
 class LargestAlloc(TorchDispatchMode):

@@ -24,17 +24,24 @@ from tests.dist.cases_train import tiny_config
 
 
 @pytest.mark.parametrize(
-    "parallel",
-    [{"dp": 2, "cp": 2}, {"tp": 2, "cp": 2}, {"tp": 2, "cp": 2, "sequence_parallel": False}],
-    ids=["dp2_cp2", "tp2_cp2_sp", "tp2_cp2_no_sp"],
+    ("parallel", "tied"),
+    [
+        ({"dp": 2, "cp": 2}, False),
+        ({"tp": 2, "cp": 2}, False),
+        ({"tp": 2, "cp": 2, "sequence_parallel": False}, False),
+        ({"dp": 2, "cp": 2}, True),
+    ],
+    ids=["dp2_cp2", "tp2_cp2_sp", "tp2_cp2_no_sp", "dp2_cp2_tied"],
 )
-def test_meta_init_equals_eager_and_one_process(pools, tmp_path, parallel):
-    cfg = tiny_config(str(tmp_path), parallel=parallel, train={"seed": 7})
+def test_meta_init_equals_eager_and_one_process(pools, tmp_path, parallel, tied):
+    model = {"preset": "tiny", "tie_embeddings": tied}
+    cfg = tiny_config(str(tmp_path), parallel=parallel, model=model, train={"seed": 7})
     got = pools(4).run(meta_vs_eager_case, cfg, timeout=120)[0]
     plain = Transformer(Config.from_dict(cfg).model.build())
     plain.init_weights(7)
     want = dict(plain.named_parameters())
     assert set(got["meta"]) == set(got["eager"]) == set(want)
+    assert got["tied"] == tied
     for name, p in want.items():
         torch.testing.assert_close(got["meta"][name], p.detach(), rtol=0, atol=0, msg=name)
         torch.testing.assert_close(got["eager"][name], p.detach(), rtol=0, atol=0, msg=name)
