@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 1
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo check test lint bench plan clean distclean
+.PHONY: install demo check gpu-check test lint bench plan clean distclean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ demo: $(STAMP)
 
 check: $(STAMP)
 	$(PY) -m ringattn.cli check
+
+# The oracle grid, ring vs single-GPU timing and two llama-3b trainer steps on all visible GPUs
+# (NCCL); prints one line and exits 0 where there is no CUDA device.
+gpu-check: $(STAMP)
+	$(PY) -m ringattn.cli check --device cuda
 
 test: $(EXTRAS)
 	$(PY) -m pytest tests

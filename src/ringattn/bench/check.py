@@ -47,6 +47,10 @@ def parse(argv: list[str]):
 
 
 def main(argv: list[str]) -> int:
+    if any(x == "--device" or x.startswith("--device=") for x in argv):
+        from .gpu_check import main as device_check  # the multi-GPU check (make gpu-check)
+
+        return device_check(argv)
     a = parse(argv)
     row = a.problems[0]
     torch.set_num_threads(1)

@@ -25,11 +25,20 @@ from torch.utils.checkpoint import checkpoint
 
 from ringattn.ffn import SwiGLU
 from ringattn.model.config import ModelConfig
+from ringattn.model.init import normal_box_
 
 AttnFn = Callable[..., torch.Tensor]
+# p -> (the tensor to fill, the global shape, the box's offset in it)
+BoxFn = Callable[[torch.Tensor], tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]]
+
+
+def _whole(p: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]:
+    return p, tuple(p.shape), (0,) * p.dim()
+
 
 __all__ = [
     "AttnFn",
+    "BoxFn",
     "Attention",
     "Block",
     "RMSNorm",
@@ -201,32 +210,33 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
 
     @torch.no_grad()
-    def init_weights(self, seed: int = 0) -> None:
-        """Deterministic init: the same seed gives the same weights on the same device type.
+    def init_weights(self, seed: int = 0, box_of: BoxFn | None = None) -> None:
+        """Deterministic init: the same seed gives the same weights on the same device type,
+        whatever the parallel layout.
 
         Weights ~ N(0, 0.02); the two projections that write into the residual stream
         (``wo``, ``w2``) use ``0.02 / sqrt(2 * n_layers)`` so the residual variance does not
-        grow with depth (GPT-2); norm weights are 1. Uses private generators (one per
-        device), so the global RNG is untouched. Meta tensors are skipped.
+        grow with depth (GPT-2); norm weights are 1. Values come from
+        :func:`ringattn.model.init.normal_box_` (per-chunk generators seeded from the seed
+        and the parameter name), so the global RNG is untouched and a shard can be drawn
+        without the rest. Meta tensors are skipped.
 
-        DTensor parameters (FSDP2 / TP after a meta-device build) draw from DTensor's own RNG
-        rather than the generator, so their values differ from the single-device init. To
-        compare against a single-device run, initialise the full model, then shard it.
+        ``box_of(p) -> (local tensor, global shape, offset)`` says which box of the global
+        parameter ``p`` holds here; the default (a plain tensor) is the whole of it.
+        :func:`ringattn.parallel.init_local_shards` passes one for DTensor (FSDP / TP) shards.
         """
         self.tie_weights()
-        gens: dict[torch.device, torch.Generator] = {}
+        box_of = box_of or _whole
         std_out = 0.02 / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():  # deduplicated: a tied weight comes once
             if p.is_meta:
                 continue
+            local, shape, offset = box_of(p)
             if name.endswith("norm.weight"):
-                nn.init.ones_(p)
+                nn.init.ones_(local)
                 continue
-            if p.device not in gens:
-                gens[p.device] = torch.Generator(device=p.device)
-                gens[p.device].manual_seed(seed)
             std = std_out if name.endswith(("wo.weight", "w2.weight")) else 0.02
-            nn.init.normal_(p, mean=0.0, std=std, generator=gens[p.device])
+            normal_box_(local, shape, offset, seed=seed, name=name, std=std)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for ``tokens (b, s)`` long.

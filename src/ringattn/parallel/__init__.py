@@ -8,12 +8,16 @@
 
 TP must come before FSDP (FSDP shards the TP DTensors further), AC before FSDP so that the
 recompute sits inside each FSDP unit, and CP only swaps the attention function.
+
+The trainer builds the model on the ``meta`` device, applies the four, then
+:func:`init_local_shards` allocates and initialises each rank's shards only.
 """
 
 from ringattn.parallel.ac import AC_MODES, apply_ac
 from ringattn.parallel.cp import STRATEGIES, CPAttention, apply_cp, shard_batch
 from ringattn.parallel.dims import ParallelDims, ParallelMesh
 from ringattn.parallel.fsdp import apply_fsdp
+from ringattn.parallel.init import dtensor_box, init_local_shards
 from ringattn.parallel.tp import apply_tp
 
 __all__ = [
@@ -26,5 +30,7 @@ __all__ = [
     "apply_cp",
     "apply_fsdp",
     "apply_tp",
+    "dtensor_box",
+    "init_local_shards",
     "shard_batch",
 ]

@@ -26,7 +26,15 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from ringattn.model import Transformer
-from ringattn.parallel import ParallelDims, apply_ac, apply_cp, apply_fsdp, apply_tp, shard_batch
+from ringattn.parallel import (
+    ParallelDims,
+    apply_ac,
+    apply_cp,
+    apply_fsdp,
+    apply_tp,
+    init_local_shards,
+    shard_batch,
+)
 from ringattn.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ringattn.train.checks import check_config
 from ringattn.train.config import Config
@@ -56,13 +64,23 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def build_parallel_model(cfg: Config, mesh, device: torch.device):
-    """The full model initialised on ``device`` (same weights on every rank), then, in order:
-    TP, CP, AC, FSDP. Returns ``(model, cp_attention)``."""
+def build_parallel_model(cfg: Config, mesh, device: torch.device, init: str = "meta"):
+    """The model built on the ``meta`` device, then, in order: TP, CP, AC, FSDP; then each
+    rank allocates and initialises its own shards only (:func:`init_local_shards`), with
+    values that do not depend on the layout. Returns ``(model, cp_attention)``.
+
+    ``init="eager"`` builds and initialises the full model on ``device`` first (every rank
+    holds a full copy until FSDP shards it: the old path, kept to compare with);
+    ``init="shapes"`` leaves the parallel model on ``meta`` (shard shapes, no storage), for
+    measuring models larger than the machine.
+    """
+    if init not in ("meta", "eager", "shapes"):
+        raise ValueError(f"init must be meta | eager | shapes, got {init!r}")
     mcfg = cfg.model.build()
-    with device:
+    with torch.device(device if init == "eager" else "meta"):
         model = Transformer(mcfg)
-    model.init_weights(cfg.train.seed)  # before sharding: DTensors would use their own RNG
+    if init == "eager":
+        model.init_weights(cfg.train.seed)
     apply_tp(model, mesh["tp"], sequence_parallel=cfg.parallel.sequence_parallel)
     attn = apply_cp(
         model,
@@ -74,6 +92,8 @@ def build_parallel_model(cfg: Config, mesh, device: torch.device):
     )
     apply_ac(model, cfg.parallel.ac)
     apply_fsdp(model, mesh["dp_cp"], param_dtype=compute_dtype(cfg.train.dtype, device))
+    if init == "meta":
+        init_local_shards(model, device, cfg.train.seed)
     # With sequence parallelism the logits come out of DTensor.to_local(), a view; FSDP
     # warns in case someone modifies them in place. The trainer never does.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
