@@ -11,7 +11,7 @@ __all__ = ["export_main", "prepare_main"]
 
 
 def prepare_main(argv: list[str]) -> int:
-    from ringattn.data.prepare import PrepareConfig, prepare
+    from ringattn.data.prepare import PrepareConfig, prepare_dataset
 
     ap = _Parser(
         prog="ringattn prepare",
@@ -31,7 +31,7 @@ def prepare_main(argv: list[str]) -> int:
     if a.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {a.workers}")
     cfg = PrepareConfig(a.tokenizer, a.input, a.out, a.text_field, a.eos, a.workers, quiet=a.quiet)
-    m = prepare(cfg)
+    m = prepare_dataset(cfg)
     mb, dt = m["bytes"] / 1e6, max(m["seconds"], 1e-9)
     resumed = f", {m['resumed_files']} files kept from an interrupted run" * bool(
         m["resumed_files"]

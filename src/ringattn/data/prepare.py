@@ -39,7 +39,7 @@ import numpy as np
 
 from ringattn.data.tokenfile import FORMAT, token_dtype
 
-__all__ = ["PrepareConfig", "expand_inputs", "find_eos", "prepare"]
+__all__ = ["PrepareConfig", "expand_inputs", "find_eos", "prepare_dataset"]
 
 EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "[EOS]", "<|eos|>")
 
@@ -268,7 +268,7 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def prepare(cfg: PrepareConfig) -> dict:
+def prepare_dataset(cfg: PrepareConfig) -> dict:
     """Tokenize ``cfg.inputs`` into the dataset folder ``cfg.out``; returns its manifest
     plus ``seconds`` and ``resumed_files`` (shards a previous, interrupted run finished)."""
     out = Path(cfg.out)
