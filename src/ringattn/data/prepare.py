@@ -155,17 +155,19 @@ def _encoded(
     """(ids, lengths) per piece of ``path``: ``lengths`` of the documents that end in this
     piece, EOS included; ids after ``sum(lengths)`` belong to a document that continues."""
     suffix = path.suffix.lower()
+    # encode_batch_fast (tokenizers >= 0.21) skips character offsets: ~15% faster here
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
     if suffix in (".jsonl", ".parquet"):
         batch = max(1, cfg.chunk_bytes // 4096)  # ~4 KB documents per encode call
         reader = _jsonl_docs if suffix == ".jsonl" else _parquet_docs
         for docs in reader(path, cfg.text_field, batch):
-            encs = tok.encode_batch(docs, add_special_tokens=False)
+            encs = encode(docs, add_special_tokens=False)
             ids = [np.append(np.asarray(e.ids, dtype=np.int64), eos) for e in encs]
             if ids:
                 yield np.concatenate(ids), [a.size for a in ids]
         return
     for pieces, ends in _text_pieces(path, cfg.chunk_bytes):
-        ids = np.asarray(tok.encode_batch(pieces, add_special_tokens=False)[0].ids, np.int64)
+        ids = np.asarray(encode(pieces, add_special_tokens=False)[0].ids, np.int64)
         yield (np.append(ids, eos), [ids.size + 1]) if ends else (ids, [])
 
 
