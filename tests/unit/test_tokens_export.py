@@ -117,3 +117,11 @@ def test_export_logits_equal_ours(tmp_path, tie):
     with torch.no_grad():
         ours, theirs = model(tokens), hf.eval()(tokens).logits
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+def test_export_cli_error_is_one_line(tmp_path):
+    from tests.cli_errors import assert_clean_error
+
+    argv = ["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "hf")]
+    assert_clean_error(argv, "no complete checkpoint", tmp_path)
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "hf.tmp").exists()
