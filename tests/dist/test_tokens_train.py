@@ -12,12 +12,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ringattn.data import PrepareConfig, TokenFile, prepare_dataset
-from tests.dist.cases_train import reference_run, tiny_config
-from tests.dist.test_train import _assert_same, _fit
-from tests.token_corpus import documents, tokenizer, write_corpus
-
+pytest.importorskip("numpy")
 pytest.importorskip("tokenizers")
+
+from ringattn.data import PrepareConfig, TokenFile, prepare_dataset  # noqa: E402
+from tests.dist.cases_train import reference_run, tiny_config  # noqa: E402
+from tests.dist.test_train import _assert_same, _fit  # noqa: E402
+from tests.token_corpus import documents, tokenizer, write_corpus  # noqa: E402
+
 
 
 def test_prepare_train_resume_at_other_cp_export(pools, tmp_path):

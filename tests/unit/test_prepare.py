@@ -6,16 +6,18 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pytest
 
-import ringattn.data.prepare as prep
-from ringattn.data import PrepareConfig, TokenFile, prepare_dataset
-from ringattn.data.tokenfile import token_dtype
-from tests.cli_errors import assert_clean_error, run_cli
-from tests.token_corpus import documents, expected_ids, tokenizer, write_corpus
-
+pytest.importorskip("numpy")
 pytest.importorskip("tokenizers")
+
+import numpy as np  # noqa: E402
+
+import ringattn.data.prepare as prep  # noqa: E402
+from ringattn.data import PrepareConfig, TokenFile, prepare_dataset  # noqa: E402
+from ringattn.data.tokenfile import token_dtype  # noqa: E402
+from tests.cli_errors import assert_clean_error, run_cli  # noqa: E402
+from tests.token_corpus import documents, expected_ids, tokenizer, write_corpus  # noqa: E402
 
 
 @pytest.fixture

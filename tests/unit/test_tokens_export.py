@@ -8,12 +8,13 @@ import json
 import pytest
 import torch
 
-from ringattn.data import PrepareConfig, prepare_dataset
-from ringattn.train.config import Config, load_config
-from ringattn.train.data import IGNORE, build_dataset
-from tests.token_corpus import documents, expected_ids, tokenizer, write_corpus
-
+pytest.importorskip("numpy")
 pytest.importorskip("tokenizers")
+
+from ringattn.data import PrepareConfig, prepare_dataset  # noqa: E402
+from ringattn.train.config import Config, load_config  # noqa: E402
+from ringattn.train.data import IGNORE, build_dataset  # noqa: E402
+from tests.token_corpus import documents, expected_ids, tokenizer, write_corpus  # noqa: E402
 
 
 @pytest.fixture(scope="module")
