@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import resource
 import shutil
 import statistics
 import time
@@ -70,6 +71,14 @@ def train_tokenizer(files: list[Path], vocab: int, out: Path) -> Path:
     return out
 
 
+def _cpu_s() -> float:
+    me, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mb", type=float, default=200.0)
@@ -89,7 +98,9 @@ def main() -> None:
     shutil.rmtree(root / "ds", ignore_errors=True)
     cfg = PrepareConfig(str(tok), [str(f) for f in files], str(root / "ds"), workers=a.workers)
     cfg.quiet = True
+    cpu0 = _cpu_s()
     m = prepare_dataset(cfg)
+    cpu = _cpu_s() - cpu0  # this process + its (finished) pool workers
     data = TokenData(TokenFile(root / "ds"), seed=0)
     times = []
     for step in random.Random(1).sample(range(10_000), a.steps):
@@ -105,6 +116,8 @@ def main() -> None:
         "prepare_s": round(m["seconds"], 2),
         "mb_per_s": round(m["bytes"] / 1e6 / m["seconds"], 2),
         "tokens_per_s": round(m["n_tokens"] / m["seconds"]),
+        "cpu_s": round(cpu, 2),  # on a shared machine wall time hides the real cost
+        "mb_per_cpu_s": round(m["bytes"] / 1e6 / cpu, 2),
         "seq_len": a.seq_len,
         "batch": a.batch,
         "batch_ms_median": round(1e3 * statistics.median(times), 3),
