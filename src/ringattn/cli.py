@@ -1,4 +1,5 @@
-"""``ringattn`` command line: train | bench | plan | simulate | demo | check."""
+"""``ringattn`` command line: train | bench | plan | simulate | demo | check | prepare |
+export."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ commands:
   demo        the main job: train on the retrieval task, 4 local CPU ranks, 8K context
               (= `ringattn train --config configs/demo.toml`, what `make demo` runs)
   check       verified ring attention run against single-process SDPA
+  prepare     tokenize documents (.txt/.jsonl/.parquet) into a token dataset (`--help`)
+  export      a training checkpoint -> Hugging Face LlamaForCausalLM folder (`--help`)
 """
 
 
-COMMANDS = ("train", "bench", "plan", "simulate", "demo", "check")
+COMMANDS = ("train", "bench", "plan", "simulate", "demo", "check", "prepare", "export")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +76,10 @@ def _dispatch(cmd: str, rest: list[str]) -> int:
         from .plan.cli import simulate_main
 
         return simulate_main(rest)
+    if cmd in ("prepare", "export"):
+        from .data.cli import export_main, prepare_main
+
+        return (prepare_main if cmd == "prepare" else export_main)(rest)
     if cmd == "train":
         from .train.cli import train_main
 

@@ -76,7 +76,7 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    kind: str = "retrieval"  # retrieval | text
+    kind: str = "retrieval"  # retrieval | text | tokens
     seq_len: int = 1024  # global tokens per sequence (after the curriculum)
     batch_size: int = 8  # global sequences per step
     # Stages run first, in order: [seq_len, batch_size, steps] each.
@@ -88,7 +88,8 @@ class DataConfig:
     n_keys: int = 8
     n_values: int = 16  # chance accuracy = 1 / n_values
     n_filler: int = 96
-    # text: files or folders of text, bytes as tokens, documents packed into sequences
+    # text: files or folders of text, bytes as tokens, documents packed into sequences;
+    # tokens: [the folder `ringattn prepare` wrote], its documents packed the same way
     paths: list[str] = field(default_factory=list)
     cross_doc_attention: bool = False  # true: plain packing, no cu_seqlens masking
     val_fraction: float = 0.05
@@ -300,7 +301,7 @@ def validate(cfg: Config) -> None:
         ("parallel.strategy", cfg.parallel.strategy, STRATEGIES),
         ("parallel.ac", cfg.parallel.ac, AC_MODES),
         ("parallel.device", cfg.parallel.device, ("auto", "cpu", "cuda")),
-        ("data.kind", cfg.data.kind, ("retrieval", "text")),
+        ("data.kind", cfg.data.kind, ("retrieval", "text", "tokens")),
         ("data.needle", cfg.data.needle, ("token", "pair")),
         ("train.dtype", cfg.train.dtype, ("fp32", "bf16")),
     ]
@@ -318,6 +319,10 @@ def validate(cfg: Config) -> None:
         cfg.model.build()
     except ValueError as e:  # an unknown preset
         raise ValueError(f"model.preset={cfg.model.preset!r}: {e}") from None
+    if cfg.data.kind == "tokens":  # reads the manifest only
+        from ringattn.train.tokens import check_token_dataset
+
+        check_token_dataset(cfg.data.paths, cfg.model.build().vocab_size)
 
     from ringattn.train.checks import check_config
 

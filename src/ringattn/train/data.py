@@ -184,6 +184,7 @@ class TextData:
         if not docs:
             raise ValueError("TextData needs at least one non-empty document")
         self.stream = torch.frombuffer(bytearray(b"".join(docs)), dtype=torch.uint8).long()
+        self.n_stream = self.stream.numel()
         lens = torch.tensor([len(d) for d in docs])
         self.doc_starts = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
         self.cross_doc = cross_doc_attention
@@ -193,12 +194,10 @@ class TextData:
 
     def _n_windows(self, seq_len: int) -> tuple[int, int]:
         """(training windows, validation windows) of ``seq_len`` (+1 for the last label)."""
-        n = (self.stream.numel() - 1) // seq_len
+        n = (self.n_stream - 1) // seq_len
         n_val = max(1, int(n * self.val_fraction)) if n > 1 else 0
         if n - n_val < 1:
-            raise ValueError(
-                f"text data has {self.stream.numel()} bytes: too few for seq_len {seq_len}"
-            )
+            raise ValueError(f"text data has {self.n_stream} tokens: too few for seq_len {seq_len}")
         return n - n_val, n_val
 
     def window(self, i: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -260,6 +259,15 @@ def build_dataset(data_cfg, vocab_size: int):
             n_values=data_cfg.n_values,
             n_filler=data_cfg.n_filler,
             vocab_size=vocab_size,
+            seed=data_cfg.seed,
+        )
+    if data_cfg.kind == "tokens":
+        from ringattn.train.tokens import TokenData, check_token_dataset
+
+        return TokenData(
+            check_token_dataset(data_cfg.paths, vocab_size),
+            cross_doc_attention=data_cfg.cross_doc_attention,
+            val_fraction=data_cfg.val_fraction,
             seed=data_cfg.seed,
         )
     if vocab_size < 256:
