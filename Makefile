@@ -19,12 +19,13 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e ".[dev,bench]"
 	@touch $(STAMP)
 
-# The optional extras the tests exercise (transformers for ringattn.integrations.hf), installed
+# The optional extras the tests exercise (transformers for ringattn.integrations.hf; tokenizers,
+# safetensors and pyarrow for prepare/export), installed
 # by `make test` only; their tests skip cleanly where they are absent. They must not replace
 # torch==2.13.0 (pip keeps an installed torch that satisfies them).
 EXTRAS := $(VENV)/.extras
 $(EXTRAS): $(STAMP)
-	$(PY) -m pip install -q -e ".[dev,bench,hf]" torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev,bench,hf,data]" pyarrow torch==2.13.0
 	@touch $(EXTRAS)
 
 install: $(STAMP)
