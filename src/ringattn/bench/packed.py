@@ -209,8 +209,7 @@ def plot(rows: list[dict], path: str) -> None:
     _bars(axes[2], [r for r in rows if r["kind"] == "time"],
           lambda r: max(r["fwdbwd_cpu_s_per_rank"]))  # fmt: skip
     output.style(axes[2], "", "slowest rank, fwd+bwd CPU s (replayed)")
-    fig.suptitle("packed documents (lognormal lengths): load balance per layout", fontsize=10)
-    output.save(fig, path, output.machine_line(rows[0].get("machine")))
+    output.save(fig, path, rows, "packed documents (lognormal lengths): load balance per layout")
 
 
 def non_negative(text: str) -> int:
@@ -265,11 +264,8 @@ def main(argv: list[str]) -> int:
     rows = output.stamp([*rows, speed_row()], "packed")
     fl = [r for r in rows if r["kind"] == "flops"]
     tm = [r for r in rows if r["kind"] in ("time", "ring")]
-    table = output.markdown_table(fl, FLOP_COLUMNS)
-    if tm:
-        table += "\n\n" + output.markdown_table(tm, TIME_COLUMNS)
+    tables = [(fl, FLOP_COLUMNS)] + ([(tm, TIME_COLUMNS)] if tm else [])
     sp = rows[-1]  # the balancer's speed
-    notes = NOTES.format(median=args.median, sigma=args.sigma, min_doc=MIN_DOC,
-                         repeats=args.repeats, balance_ms=sp["balance_ms"],
-                         n_docs=sp["n_docs"], world=sp["world"])  # fmt: skip
-    return output.report(rows, table, args, notes, plot)
+    return output.report(rows, args, tables, NOTES, plot, min_doc=MIN_DOC,
+                         balance_ms=sp["balance_ms"], n_docs=sp["n_docs"],
+                         world=sp["world"])  # fmt: skip
