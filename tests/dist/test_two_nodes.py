@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
@@ -89,12 +88,9 @@ def _config(run) -> dict:
 @pytest.mark.slow
 def test_two_torchrun_nodes_match_one_node(pools, tmp_path):
     two = tmp_path / "two_nodes"
-    t0 = time.perf_counter()
     _two_nodes(two)
-    t1 = time.perf_counter()
     # the same config on one node: the trainer on the 4-rank worker pool
     one = pools(4).run(fit_case, _config(tmp_path / "one_node"), timeout=120)[0]
-    print(f"two nodes {t1 - t0:.1f} s, one node {time.perf_counter() - t1:.1f} s")
     got = _losses(two)
     assert len(got) == 3
     torch.testing.assert_close(torch.tensor(got), torch.tensor(one["losses"]), rtol=2e-5, atol=0)

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from ringattn.data.tokenfile import FORMAT, token_dtype
+from ringattn.fsutil import write_atomic
 
 __all__ = ["PrepareConfig", "expand_inputs", "find_eos", "prepare_dataset"]
 
@@ -180,15 +181,6 @@ def shard_name(index: int, path: Path) -> str:
     return f"{index:06d}-{hashlib.sha1(key).hexdigest()[:12]}"
 
 
-def _fsync_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def tokenize_file(cfg: PrepareConfig, path: Path, shard: Path, vocab: int, eos: int) -> dict:
     """Tokenize one file into ``shard.tokens`` / ``shard.docs`` (document lengths, int64),
     then write the ``shard.json`` marker. Runs in a worker process."""
@@ -221,7 +213,7 @@ def tokenize_file(cfg: PrepareConfig, path: Path, shard: Path, vocab: int, eos: 
     os.replace(tmp_t, shard.with_suffix(".tokens"))
     os.replace(tmp_d, shard.with_suffix(".docs"))
     done = {"file": str(path), "n_tokens": n_tokens, "n_docs": n_docs, "bytes": path.stat().st_size}
-    _fsync_write(shard.with_suffix(".json"), json.dumps(done))  # the commit point
+    write_atomic(shard.with_suffix(".json"), json.dumps(done))  # the commit point
     return done
 
 
@@ -288,7 +280,7 @@ def prepare_dataset(cfg: PrepareConfig) -> dict:
     if partial.is_dir() and _read_json(partial / "job.json") != job:
         shutil.rmtree(partial)  # another job's leftovers: nothing reusable
     (partial / "shards").mkdir(parents=True, exist_ok=True)
-    _fsync_write(partial / "job.json", json.dumps(job))
+    write_atomic(partial / "job.json", json.dumps(job))
     t0 = time.perf_counter()
     try:
         shards = [partial / "shards" / shard_name(i, f) for i, f in enumerate(files)]
@@ -364,7 +356,7 @@ def _assemble(cfg, out: Path, files, shards, vocab: int, eos: int, job: dict) ->
         **job,
         "config": asdict(cfg),
     }
-    _fsync_write(tmp / "manifest.json", json.dumps(manifest, indent=1))  # written last
+    write_atomic(tmp / "manifest.json", json.dumps(manifest, indent=1))  # written last
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():
         out.rmdir()  # checked empty above

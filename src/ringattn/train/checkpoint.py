@@ -29,6 +29,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from ringattn.fsutil import write_atomic
+
 __all__ = ["completed_steps", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 _STEP = re.compile(r"^step_(\d+)$")
@@ -43,15 +45,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(ckpt_dir: str | Path, step: int, model, optimizer, extra: dict, keep=2):
     """Save after ``step`` completed steps (collective: every rank calls it). Returns path."""
     root = Path(ckpt_dir)
@@ -64,10 +57,10 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model, optimizer, extra: di
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     _barrier()  # every rank's shards are on disk
     if _rank() == 0:
-        _write_atomic(tmp / "trainer.json", json.dumps({"step": step, **extra}, indent=1))
+        write_atomic(tmp / "trainer.json", json.dumps({"step": step, **extra}, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)  # the commit point
-        _write_atomic(root / "latest", final.name + "\n")
+        write_atomic(root / "latest", final.name + "\n")
         for old in _complete(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
