@@ -1,203 +1,248 @@
-"""``ringattn bench peers``: other context-parallel attention implementations (ring-attention-
-pytorch, ringattn's blockwise kernel, PyTorch's native ``context_parallel``; flash libraries on
-CUDA only) in the same ranks on the same problem: fwd+bwd time, ratios to ringattn and max
-errors against single-process SDPA. See docs/benchmarks.md.
+"""``ringattn bench peers``: ringattn beside other context-parallel attention implementations,
+in one run, on the same inputs, in the same gloo ranks (1 thread each): ring-flash-attn 0.1.8
+and PyTorch's native ``context_parallel`` through the thin adapters of
+:mod:`ringattn.bench.peer_adapters` (both on PyTorch's CPU flash op), ring-attention-pytorch
+when installed. Causal, zigzag (torch CP: its head-tail balancer, the same layout). Each
+impl's fwd+bwd time (median of --repeats after a warm-up) and its max |error| of out, dq, dk,
+dv against a float64 oracle, next to the error of single-process SDPA in the input dtype
+(naive). See docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ..layouts import shard
 from ..ring import ring_attention
 from . import harness as h
-from . import output
+from . import output, peer_adapters
+from .oracle import reference
 
-FP32_TOL = 1e-4  # max abs error vs SDPA that counts as exact, fp32 inputs of unit scale
+FP32_TOL = 1e-4  # relative to max |oracle|: the floor of "ok" (2x naive is the rule)
 
-
-# --- implementations: each (q, k, v local (b, n, h, d), layout) -> out (b, n, h, d) ---------
-
-
-def _ringattn(kernel: str):
-    def run(q, k, v, *, layout: str, causal: bool, bucket: int):
-        return ring_attention(q, k, v, causal=causal, layout=layout, kernel=kernel)
-
-    return run
+# --- implementations: a context (row, rank, world) yielding a fwd+bwd callable that returns
+# out, dq, dk, dv (b, s_local, h, d) in the impl's layout
 
 
-def _lucidrains(q, k, v, *, layout: str, causal: bool, bucket: int):
+@contextlib.contextmanager
+def _local(fn, layout: str, row: dict, rank: int, world: int):
+    q, k, v, do = h.local_inputs(row, rank, world, layout)
+
+    def run():
+        ql, kl, vl = (t.detach().requires_grad_() for t in (q, k, v))
+        out = fn(ql, kl, vl)
+        out.backward(do)
+        return out.detach(), ql.grad, kl.grad, vl.grad
+
+    yield run
+
+
+@contextlib.contextmanager
+def _torch_cp(rotate: str, row: dict, rank: int, world: int):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.experimental import context_parallel
+
+    mesh = init_device_mesh("cpu", (world,))
+    # the global (b, h, s, d) inputs, sharded in place by its head-tail balancer (= zigzag)
+    bufs = [t.transpose(1, 2).contiguous() for t in h.make_inputs(row)]
+    cp = context_parallel(mesh, buffers=bufs, buffer_seq_dims=[2] * 4, no_restore_buffers=set(bufs))
+    with peer_adapters.torch_cp_cpu_rule(rotate), cp:
+
+        def run():
+            ql, kl, vl = (t.detach().requires_grad_() for t in bufs[:3])
+            out = F.scaled_dot_product_attention(ql, kl, vl, is_causal=True)
+            out.backward(bufs[3])
+            return tuple(t.transpose(1, 2) for t in (out.detach(), ql.grad, kl.grad, vl.grad))
+
+        yield run
+
+
+def _ringattn(precision: str, kernel: str = "auto"):
+    kw = {"grad_precision": precision}
+    if "grad_precision" not in inspect.signature(ring_attention).parameters:  # TEMP shim
+        kw = {}
+    return lambda q, k, v: ring_attention(q, k, v, causal=True, kernel=kernel, **kw)
+
+
+def _rfa():
+    fn = peer_adapters.ring_flash_attn_zigzag()
+    return lambda q, k, v: fn(q, k, v, causal=True)
+
+
+def _lucidrains():
     from ring_attention_pytorch import ring_flash_attn
 
-    striped = layout == "striped"
     # its striped mask indexes buckets across ranks: exact only with one bucket per rank
-    size = q.shape[1] if striped else min(bucket, q.shape[1])
-    return ring_flash_attn(q, k, v, causal=causal, bucket_size=size, ring_reduce_col=True,
-                           striped_ring_attn=striped)  # fmt: skip
+    return lambda q, k, v: ring_flash_attn(
+        q, k, v, causal=True, bucket_size=q.shape[1], ring_reduce_col=True, striped_ring_attn=True
+    )
 
 
-IMPLS = {
-    "ringattn": (_ringattn("auto"), ("contiguous", "zigzag", "striped")),
-    "ringattn-blockwise": (_ringattn("blockwise"), ("contiguous",)),
-    "ring-attention-pytorch": (_lucidrains, ("contiguous", "striped")),
+IMPLS = {  # name -> (layout, () -> attention (q, k, v) -> out; None: torch CP's own context)
+    "ringattn-exact": ("zigzag", lambda: _ringattn("exact")),
+    "ringattn-fast": ("zigzag", lambda: _ringattn("fast")),
+    "ringattn-blockwise": ("zigzag", lambda: _ringattn("exact", "blockwise")),
+    "ring-flash-attn": ("zigzag", _rfa),
+    "torch-cp": ("zigzag", None),  # rotates K/V by all-gather (torch's default)
+    "torch-cp-alltoall": ("zigzag", None),
+    "ring-attention-pytorch": ("striped", _lucidrains),
 }
+TORCH_CP = {"torch-cp": "allgather", "torch-cp-alltoall": "alltoall"}
+MODULES = {"ring-flash-attn": "ring_flash_attn", "ring-attention-pytorch": "ring_attention_pytorch"}
 
 
-def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+def _installed(impl: str) -> bool:
+    return importlib.util.find_spec(MODULES.get(impl, "torch")) is not None
 
 
-def _time_impl(fn, row: dict, layout: str, rank: int, world: int) -> dict:
-    """One fwd+bwd of ``fn`` on this rank's shards: times and the local out/grads."""
-    q, k, v, do = h.local_inputs(row, rank, world, layout, grad=True)
-    m: dict = {}
-    h.barrier()
-    with h.clock(m):
-        out = fn(q, k, v, layout=layout, causal=row["causal"], bucket=row["peer_bucket"])
-        out.backward(do)
-    return dict(m, out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad)
+def _measure(impl: str, row: dict, rank: int, world: int, repeats: int, ref: dict) -> dict:
+    """Median fwd+bwd wall time of ``impl`` on this rank, the CPU time of its fastest run, and
+    max |x - oracle| of its last run on this rank's tokens."""
+    layout, attn = IMPLS[impl]
+    last: dict = {}
+    ctx = _torch_cp(TORCH_CP[impl], row, rank, world) if attn is None else None
+    with ctx or _local(attn(), layout, row, rank, world) as run:
+
+        def clocked() -> dict:
+            m: dict = {}
+            h.barrier()
+            with h.clock(m):
+                last["got"] = run()
+            return m
+
+        best, median = h.timed(clocked, repeats, key="wall_s")
+    mine = {n: shard(t, layout, rank=rank, world_size=world) for n, t in ref.items()}
+    errs = {n: float((g.double() - mine[n]).abs().max()) for n, g in zip(h.GRADS, last["got"])}
+    return dict(wall_s=median, cpu_s=best["cpu_s"], errs=errs)
 
 
-def _try_torch_cp(row: dict, world: int) -> str:
-    """Run SDPA under PyTorch's native context_parallel on CPU; 'ok' or the error raised.
-
-    The attempt fails while propagating shardings, before any transfer, on every rank alike
-    (so the group stays usable); both SDPA's default and MATH backends are tried.
-    """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    try:
-        from torch.distributed.tensor.experimental import context_parallel
-    except ImportError as e:
-        return f"ImportError: {e}"
-    mesh = init_device_mesh("cpu", (world,))
-    errors = []
-    for backend in (None, SDPBackend.MATH):
-        # it shards the buffers in place (resizes them), so they must not require grad;
-        # the differentiable leaves are made from the shards inside, as a model would
-        q, k, v, _ = (t.transpose(1, 2).contiguous() for t in h.make_inputs(row))  # (b, h, s, d)
-        name = "default" if backend is None else backend.name
-        try:
-            with context_parallel(mesh, buffers=[q, k, v], buffer_seq_dims=[2, 2, 2]):
-                ql, kl, vl = (t.detach().requires_grad_() for t in (q, k, v))
-                with contextlib.ExitStack() as stack:
-                    if backend is not None:
-                        stack.enter_context(sdpa_kernel(backend))
-                    out = F.scaled_dot_product_attention(ql, kl, vl, is_causal=row["causal"])
-                out.sum().backward()
-            return f"ran ({name} backend)"
-        except Exception as e:  # the point of the row is the error text
-            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-            errors.append(f"{name} backend: {type(e).__name__}: {msg}")
-    return "; ".join(errors)
+def _rank(rank: int, world: int, rows: list[dict], bases: list[dict], impls, repeats) -> list:
+    out = []
+    for row, base in zip(rows, bases):
+        ref = torch.load(base["file"], mmap=True)  # the oracle (b, s, h, d) float64, lazily
+        out.append({i: _measure(i, row, rank, world, repeats, ref) for i in impls})
+    return out
 
 
-def _rank(rank: int, world: int, row: dict, plan: list, repeats: int, torch_cp: bool) -> dict:
-    """Every rank: each (impl, layout) in ``plan``, then the native-CP attempt."""
-    tiny = dict(row, seq=8 * world)
-    res = {}
-    for impl, layout in plan:
-        fn = IMPLS[impl][0]
-        _time_impl(fn, tiny, layout, rank, world)  # connects the gloo pairs
-        runs = [_time_impl(fn, row, layout, rank, world) for _ in range(repeats)]
-        best = min(runs, key=lambda r: r["wall_s"])
-        res[(impl, layout)] = dict(best, cpu_s=min(r["cpu_s"] for r in runs))
-    res["torch-cp"] = _try_torch_cp(row, world) if torch_cp else None
-    return res
+def _status(errs: dict, base: dict) -> str:
+    """ok, or the tensors over max(2x naive, FP32_TOL x max |oracle|) and their err / naive."""
+    bound = {n: max(2 * base[f"naive_err_{n}"], FP32_TOL * base["scale"][n]) for n in h.GRADS}
+    bad = [
+        f"{n} {errs[n] / base[f'naive_err_{n}']:.3g}x naive"
+        for n in h.GRADS
+        if not errs[n] <= bound[n]
+    ]
+    return "WRONG " + ", ".join(bad) if bad else "ok"
 
 
-def peer_rows(row: dict, res: list[dict], ref: dict, plan: list[tuple[str, str]]) -> list[dict]:
-    """One row per (impl, layout): times, errors vs ``ref`` (:func:`harness.sdpa_grads` with
-    the SDPA timings) and ratios to ringattn with the same layout."""
+def impl_rows(row: dict, base: dict, res: list[dict], impls) -> list[dict]:
+    """One row per impl for one problem: wall time and errors (max over ranks), CPU time (sum),
+    the single-process SDPA time and the naive errors."""
     rows = []
-    for impl, layout in plan:
-        ranks = [r[(impl, layout)] for r in res]
-        errs = h.max_errors(ref, ranks, layout, row["world"])
-        wrong = [n for n in h.GRADS if errs[n] > FP32_TOL]
-        status = "exact" if not wrong else "WRONG " + ", ".join(wrong)
+    for impl in impls:
+        errs = {n: max(r[impl]["errs"][n] for r in res) for n in h.GRADS}
+        wall = max(r[impl]["wall_s"] for r in res)
         rows.append(dict(
-            row, impl=impl, layout=layout, status=status,
-            fwdbwd_s=max(r["wall_s"] for r in ranks), fwdbwd_cpu_s=sum(r["cpu_s"] for r in ranks),
-            sdpa_fwdbwd_s=ref["wall_s"], sdpa_fwdbwd_cpu_s=ref["cpu_s"],
-            **{f"err_{n}": e for n, e in errs.items()},
+            row, impl=impl, layout=IMPLS[impl][0], status=_status(errs, base), fwdbwd_s=wall,
+            fwdbwd_cpu_s=sum(r[impl]["cpu_s"] for r in res), sdpa_s=base["sdpa_s"],
+            vs_sdpa=wall / base["sdpa_s"], **{f"err_{n}": e for n, e in errs.items()},
+            **{k: v for k, v in base.items() if k.startswith("naive_err_")},
         ))  # fmt: skip
-    base = {r["layout"]: r for r in rows if r["impl"] == "ringattn"}
-    for r in rows:
-        b = base.get(r["layout"])
-        if b is not None:
-            r["wall_vs_ringattn"] = r["fwdbwd_s"] / b["fwdbwd_s"]
-            r["cpu_vs_ringattn"] = r["fwdbwd_cpu_s"] / b["fwdbwd_cpu_s"]
-        r["cpu_vs_sdpa"] = r["fwdbwd_cpu_s"] / ref["cpu_s"]
     return rows
 
 
-def note_rows(row: dict, torch_cp: str | None, lucidrains: bool) -> list[dict]:
-    """Implementations that did not run here, with the reason."""
-    notes = [] if torch_cp is None else [("torch native CP", "(its own)", torch_cp)]
-    if not lucidrains:
-        pip = "pip install --no-deps ring-attention-pytorch einops beartype jaxtyping wadler-lindig"
-        notes.append(("ring-attention-pytorch", "-", f"skipped: not installed ({pip})"))
-    for impl, module in (("ring-flash-attn", "ring_flash_attn"), ("flash_attn", "flash_attn")):
-        have = "installed" if _installed(module) else "not installed"
-        if torch.cuda.is_available():
-            status = f"skipped: {have}; the CUDA run is not part of this CPU benchmark yet"
-        else:
-            status = f"skipped: CUDA only, no GPU here ({have})"
-        notes.append((impl, "-", status))
-    return [dict(row, impl=i, layout=lay, status=st) for i, lay, st in notes]
+def note_rows(row: dict, impls) -> list[dict]:
+    """Peers that did not run here, with the reason."""
+    notes = [(i, f"skipped: {MODULES[i]} not installed") for i in impls if not _installed(i)]
+    jax = importlib.util.find_spec("jax") is not None
+    why = "JAX installed; its ringattention peer is not wired up" if jax else "jax not installed"
+    notes.append(("jax-ringattention", f"skipped: {why}"))
+    return [dict(row, impl=i, layout="-", status=s) for i, s in notes]
 
 
 COLUMNS = output.columns(
-    "impl=impl; layout=layout; status=status; fwdbwd_s=f+b wall s:.3f; "
-    "fwdbwd_cpu_s=CPU total s:.3f; wall_vs_ringattn=wall / ringattn:.2f; "
-    "cpu_vs_ringattn=CPU / ringattn:.2f; cpu_vs_sdpa=CPU / SDPA:.2f; err_out=err out:.1e; "
-    "err_dq=err dq:.1e; err_dk=err dk:.1e; err_dv=err dv:.1e",
+    "world=W; seq=seq; dtype=dtype; impl=impl; status=status; fwdbwd_s=f+b s:.3f; "
+    "vs_sdpa=/ SDPA:.2f; err_out=err out:.1e; err_dq=err dq:.1e; "
+    "err_dk=err dk:.1e; err_dv=err dv:.1e; naive_err_dq=naive dq:.1e; naive_err_dv=naive dv:.1e"
+)
+SUMMARY = output.columns(
+    "world=W; seq=seq; dtype=dtype; exact=ours exact s:.3f; cp=torch CP s:.3f; "
+    "exact_vs_cp=exact / CP:.2f; fast=ours fast s:.3f; rfa=ring-flash-attn s:.3f; "
+    "fast_vs_rfa=fast / rfa:.2f; sdpa=SDPA s:.3f; exact_vs_sdpa=exact / SDPA:.2f"
+)
+NOTES = (
+    "W gloo ranks, 1 thread each, on {cores} cores; causal zigzag, {heads} heads x {head_dim}; "
+    "fwd+bwd median of {repeats}. SDPA: single process, {cores} threads. err: max |x - float64 "
+    "oracle|; ok: every err <= max(2x naive, {tol:g} x max |oracle|); naive: SDPA in the input "
+    "dtype. torch CP: best of its rotate methods. Half-precision blocks run in fp32 on CPUs "
+    "without bf16 units ({native})."
 )
 
-NOTES = (
-    "W = {world} gloo ranks on {cores} cores, causal, global seq {seq}, fp32, {heads} heads x "
-    "{head_dim}, fwd+bwd. Ratios > 1: slower than ringattn with the same layout. err: max |x - "
-    "SDPA| over the whole sequence (exact: all <= {tol:g}). ring-attention-pytorch bucket "
-    "{peer_bucket}. Single-process SDPA: {sdpa:.3f} s CPU."
-)
+
+def summary(rows: list[dict]) -> list[dict]:
+    """One line per problem: ours exact vs torch CP, ours fast vs ring-flash-attn, and SDPA."""
+    out = {}
+    for r in (r for r in rows if "fwdbwd_s" in r):
+        s = out.setdefault((r["world"], r["seq"], r["dtype"]), dict(r, sdpa=r["sdpa_s"]))
+        key = {"ringattn-exact": "exact", "ringattn-fast": "fast", "ring-flash-attn": "rfa"}
+        name = key.get(r["impl"], "cp" if r["impl"] in TORCH_CP else r["impl"])
+        s[name] = min(s.get(name, float("inf")), r["fwdbwd_s"])  # torch CP: its best rotation
+    for s in out.values():
+        for a, b in (("exact", "cp"), ("fast", "rfa"), ("exact", "sdpa")):
+            s[f"{a}_vs_{b}"] = s[a] / s[b] if a in s and b in s else None
+    return list(out.values())
 
 
 def plot(rows: list[dict], path: str) -> None:
-    ran = [r for r in rows if r.get("fwdbwd_cpu_s") is not None]
-    # break the long package name so neighbouring labels do not overlap
-    labels = [f"{r['impl'].replace('-pytorch', chr(10) + 'pytorch')}\n{r['layout']}" for r in ran]
-    fig, ax = output.figure(1, figsize=(max(6, 1.4 * len(ran)), 4))
-    colors = ["tab:green" if r["status"] == "exact" else "tab:red" for r in ran]
-    ax.bar(range(len(ran)), [r["cpu_vs_sdpa"] for r in ran], color=colors)
+    ran = [r for r in rows if "fwdbwd_s" in r]
+    probs = list(dict.fromkeys((r["world"], r["seq"], r["dtype"]) for r in ran))
+    fig, ax = output.figure(1, figsize=(max(6, 0.8 * len(probs)), 4.5))
+    for impl in dict.fromkeys(r["impl"] for r in ran):
+        mine = [
+            (probs.index((r["world"], r["seq"], r["dtype"])), r) for r in ran if r["impl"] == impl
+        ]
+        (line,) = ax.plot([x for x, _ in mine], [r["vs_sdpa"] for _, r in mine], "o-", label=impl)
+        bad = [(x, r["vs_sdpa"]) for x, r in mine if r["status"] != "ok"]
+        if bad:  # a cross over each wrong result
+            ax.plot(*zip(*bad), "x", ms=12, color=line.get_color())
     ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks(range(len(ran)), labels, fontsize=7)
-    title = f"peers, W={ran[0]['world']}, causal seq {ran[0]['seq']} (green: exact, red: wrong"
-    output.style(ax, "", "CPU time / single-process SDPA (fwd+bwd)", title + " gradients)",
-                 logy=10, legend=0)  # fmt: skip
+    ax.set_xticks(range(len(probs)), [f"W={w}\n{s}\n{d}" for w, s, d in probs], fontsize=7)
+    output.style(ax, "", "fwd+bwd time / single-process SDPA", "peers (x: wrong)", logy=10)
     output.save(fig, path, ran)
 
 
 def main(argv: list[str]) -> int:
-    p = h.parser("bench peers", __doc__, out="peers", repeats=2)
-    for opt, default in (("--world", 4), ("--seq", 4096), ("--heads", 8), ("--head-dim", 64)):
-        p.add_argument(opt, type=h.positive, default=default)
-    p.add_argument("--peer-bucket", type=h.positive, default=1024, help="peer tile size")
-    p.add_argument("--no-torch-cp", action="store_true", help="skip the native CP attempt")
-    # zigzag (every layout runs): seq % 2W == 0
-    prob = lambda a: [h.problem_of(a, world=a.world, seq=a.seq, peer_bucket=a.peer_bucket)]
-    args = h.parse(p, argv, prob)
-    row = args.problems[0]
-    torch.set_num_threads(1)
-    lucid = _installed("ring_attention_pytorch")
-    plan = [(i, lay) for i, (_, lays) in IMPLS.items() for lay in lays]
-    plan = [(i, lay) for i, lay in plan if lucid or i != "ring-attention-pytorch"]
-    res = h.run_ranks(_rank, args.world, row, plan, args.repeats, not args.no_torch_cp, here=False)
-    sdpa = h.sdpa_reference(row, args.repeats)
-    ref = dict(h.sdpa_grads(row), wall_s=sdpa["fwdbwd_s"], cpu_s=sdpa["fwdbwd_cpu_s"])
-    rows = peer_rows(row, res, ref, plan) + note_rows(row, res[0]["torch-cp"], lucid)
-    rows = output.stamp(rows, "peers")
-    return output.report(rows, args, [COLUMNS], NOTES, plot, tol=FP32_TOL, sdpa=ref["cpu_s"])
+    p = h.parser("bench peers", __doc__, out="peers", repeats=3)
+    p.add_argument("--world", type=h.positive, nargs="+", default=[2, 4, 8])
+    p.add_argument("--seq", type=h.positive, nargs="+", default=[8192, 16384])
+    p.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--heads", type=h.positive, default=8)
+    p.add_argument("--head-dim", type=h.positive, default=64)
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
+    grid = lambda a: [h.problem(world=w, seq=s, dtype=d, heads=a.heads, head_dim=a.head_dim)
+                      for w in a.world for s in a.seq for d in a.dtype]  # fmt: skip
+    args = h.parse(p, argv, grid)  # zigzag: seq % 2W == 0, checked before any rank starts
+    impls = [i for i in dict.fromkeys(args.impls) if _installed(i)]
+    torch.set_num_threads(output.cores())  # the single-process SDPA and the oracle
+    rows, probs = [], lambda w: [r for r in args.problems if r["world"] == w]
+    with tempfile.TemporaryDirectory() as tmp:
+        # one float64 oracle per (seq, dtype), for every W; the ranks read their shards of it
+        keys = {(r["seq"], r["dtype"]): r for r in args.problems}
+        bases = {k: reference(r, Path(tmp, f"{i}.pt"), args.repeats)
+                 for i, (k, r) in enumerate(keys.items())}  # fmt: skip
+        for w in dict.fromkeys(args.world):
+            mine = [bases[(r["seq"], r["dtype"])] for r in probs(w)]
+            res = h.run_ranks(_rank, w, probs(w), mine, impls, args.repeats, here=False)
+            for j, (r, base) in enumerate(zip(probs(w), mine)):
+                rows += impl_rows(r, base, [x[j] for x in res], impls)
+    rows = output.stamp(rows + note_rows(args.problems[0], args.impls), "peers")
+    native = "this one has them" if peer_adapters.cpu_half_is_native() else "this one has none"
+    return output.report(rows, args, [(summary(rows), SUMMARY), COLUMNS], NOTES, plot,
+                         tol=FP32_TOL, native=native)  # fmt: skip
