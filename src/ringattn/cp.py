@@ -165,6 +165,7 @@ def context_parallel_attention(
     window: tuple[int, int] | None = None,
     return_lse: bool = False,
     kernel: str | Kernel = "auto",
+    grad_precision: str = "auto",
 ):
     """Exact attention over a sequence sharded across ranks, by one of :data:`STRATEGIES`.
 
@@ -191,6 +192,7 @@ def context_parallel_attention(
             With causal=True, right must be 0 or -1.
         return_lse: also return lse (b, h, s_local) fp32 (natural log, scale applied).
         kernel: "auto", "blockwise", "sdpa", "flash_attn" or a Kernel.
+        grad_precision: "auto", "exact" or "fast", as in :func:`ringattn.ring_attention`.
 
     Returns:
         out (b, s_local, h, d) in the input dtype, or (out, lse).
@@ -207,7 +209,7 @@ def context_parallel_attention(
         check_qkv(q, k, v, name=name)
         if layout != PACKED:  # "packed" holds any s / W tokens; it needs the documents
             check_layout_len(layout, q.shape[1], name=name)
-        kern = get_kernel(kernel, q.device, q.dtype)
+        kern = get_kernel(kernel, q.device, q.dtype, grad_precision)
         if isinstance(cu_seqlens, (list, tuple)):
             row_cus = check_row_cu_seqlens(cu_seqlens, q.shape[0], world * q.shape[1], name=name)
             cu = _end_to_end(row_cus, world * q.shape[1])

@@ -90,16 +90,18 @@ def ring_backward(
             pending_kv = ring.exchange(kv, f"k/v at backward step {step}")
         # this step's share of the held block's dK/dV, computed before waiting for the
         # accumulators of earlier ranks, so their transfer overlaps this compute
-        part = [torch.zeros(t.shape, dtype=dq.dtype, device=t.device) for t in kv]
-        attend_backward_(
-            _bhsd(dq), _bhsd(part[0]), _bhsd(part[1]), _bhsd(dout), _bhsd(q),
-            _bhsd(kv[0]), _bhsd(kv[1]), _bhsd(out), lse, works, kernel, scale,
-        )  # fmt: skip
+        part = None
+        if works or pending_dkv is None:  # a skipped (fully masked) step allocates nothing
+            part = [torch.zeros(t.shape, dtype=dq.dtype, device=t.device) for t in kv]
+            attend_backward_(
+                _bhsd(dq), _bhsd(part[0]), _bhsd(part[1]), _bhsd(dout), _bhsd(q),
+                _bhsd(kv[0]), _bhsd(kv[1]), _bhsd(out), lse, works, kernel, scale,
+            )  # fmt: skip
         if pending_dkv is None:  # step 0: our own block, nobody else has touched it yet
             acc = part
         else:
             acc = pending_dkv.wait()
-            if works:
+            if part is not None:
                 acc[0] += part[0]
                 acc[1] += part[1]
         # The accumulators follow their block to rank+1; after the last step the block held
@@ -157,6 +159,7 @@ def ring_attention(
     group=None,
     return_lse: bool = False,
     kernel: str | Kernel = "auto",
+    grad_precision: str = "auto",
 ):
     """Exact attention over a sequence sharded across the ranks of ``group``.
 
@@ -177,6 +180,10 @@ def ring_attention(
         return_lse: also return lse (b, h, s_local) fp32, natural log, scale applied.
             The LSE is not differentiable.
         kernel: "auto", "blockwise", "sdpa", "flash_attn" or a :class:`Kernel`.
+        grad_precision: half-precision backward: "exact" (each block's backward in fp32,
+            rounded once at the end), "fast" (block gradients in the input dtype, summed in
+            fp32, as flash-attn rings do) or "auto" ("fast" on CUDA, "exact" on CPU); see
+            docs/precision.md for the measured errors. fp32 inputs are exact either way.
 
     Returns:
         out (b, s_local, h, d) in the input dtype, or (out, lse).
@@ -187,7 +194,7 @@ def ring_attention(
     try:
         check_qkv(q, k, v, name=name)
         check_layout_len(layout, q.shape[1], name=name)
-        kern = get_kernel(kernel, q.device, q.dtype)
+        kern = get_kernel(kernel, q.device, q.dtype, grad_precision)
     except ValueError as e:
         error = e
     meta = [-1] * 8

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
 import ringattn
-from ringattn.kernels import blockwise_kernel
+from ringattn.kernels import Kernel, blockwise_kernel, fused
 from ringattn.validate import clear_checked
 
 DTYPES = {
@@ -29,11 +31,34 @@ def make_inputs(spec: dict):
     return [t.to(dt) for t in (q, k, v, dout)]
 
 
+_BWD_DTYPES: list[str] = []  # what the "spy" kernel's backward was given, this case
+
+
+def _spy_backward(dout, q, *args, **kw):
+    _BWD_DTYPES.append(str(q.dtype).replace("torch.", ""))
+    return fused.cpu_backward(dout, q, *args, **kw)
+
+
 def _kernel(spec):
     kern = spec.get("kernel", "auto")
     if kern.startswith("blockwise:"):
         return blockwise_kernel(int(kern.split(":")[1]))
+    if kern == "spy":  # the CPU op, recording the dtype each block backward runs in
+        return Kernel("spy", fused.cpu_forward, _spy_backward)
     return kern
+
+
+@contextlib.contextmanager
+def _half_native(native: bool | None):
+    """Run the CPU op as on a CPU with (True) or without (False) bf16 units, whatever this
+    CPU has; None: as it is."""
+    saved = fused.cpu_half_is_native
+    if native is not None:
+        fused.cpu_half_is_native = lambda: native
+    try:
+        yield
+    finally:
+        fused.cpu_half_is_native = saved
 
 
 def _noncontig(x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +76,8 @@ def ring_case(spec: dict) -> dict:
     if spec.get("noncontig"):
         ql, kl, vl = (_noncontig(t) for t in (ql, kl, vl))
     ql, kl, vl = (t.requires_grad_() for t in (ql, kl, vl))
-    with ringattn.count_comm() as counter:
+    _BWD_DTYPES.clear()
+    with _half_native(spec.get("half_native")), ringattn.count_comm() as counter:
         out, lse = ringattn.ring_attention(
             ql,
             kl,
@@ -61,6 +87,7 @@ def ring_case(spec: dict) -> dict:
             layout=layout,
             return_lse=True,
             kernel=_kernel(spec),
+            grad_precision=spec.get("grad_precision", "auto"),
         )
         fwd_calls = dict(counter.calls)
         out.backward(dl)
@@ -75,6 +102,7 @@ def ring_case(spec: dict) -> dict:
         "bytes": dict(counter.bytes),
         "out_dtype": out.dtype,
         "out_shape": tuple(out.shape),
+        "bwd_dtypes": sorted(set(_BWD_DTYPES)),
     }
 
 

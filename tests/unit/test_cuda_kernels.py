@@ -331,3 +331,28 @@ def test_meta_runs_catch_host_syncs():
     q, k, v, _ = _bshd(s=128, d=64, device="meta")
     with pytest.raises(RuntimeError, match="meta"):
         _cp(q, k, v, cpu, "cp_documents_window")
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "flash_attn"])
+def test_grad_precision_on_cuda(monkeypatch, kernel):
+    """CUDA's default ("auto") is "fast": half block backward in flash_attn / the flash op.
+    "exact" sends every half block backward to the efficient op in fp32 (the flash kernels
+    take only half precision); the forward is unchanged."""
+    flash_stub.install(monkeypatch, "2.8.3")
+    seen = {}
+    for precision in ("auto", "exact"):
+        flash_stub.CALLS.clear()
+        kern = get_kernel(kernel, CUDA, torch.bfloat16, precision)
+        q, k, v, do = [t.requires_grad_() for t in _bshd(s=128, d=64, device="meta")]
+        with CudaOpRules() as rules:
+            ring_attention(q, k, v, causal=True, kernel=kern).backward(do)
+        seen[precision] = (dict(rules.calls), dict(flash_stub.CALLS))
+        assert q.grad.dtype == torch.bfloat16 and k.grad.shape == k.shape
+    (fast_ops, fast_stub), (exact_ops, exact_stub) = seen["auto"], seen["exact"]
+    flash_bwd = "_scaled_dot_product_flash_attention_backward"
+    eff_bwd = "_scaled_dot_product_efficient_attention_backward"
+    assert fast_stub.get("bwd", 0) + fast_ops.get(flash_bwd, 0) > 0
+    assert fast_ops.get(eff_bwd, 0) == 0
+    assert exact_stub.get("bwd", 0) == 0 and exact_ops.get(flash_bwd, 0) == 0
+    assert exact_ops.get(eff_bwd, 0) > 0
+    assert exact_stub.get("fwd", 0) + exact_ops.get("_scaled_dot_product_flash_attention", 0) > 0

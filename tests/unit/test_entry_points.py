@@ -40,9 +40,32 @@ def _message(fn, *args, **kw) -> str:
         ((torch.randn(8, 2, 8),) * 3, {}),
         ((torch.randn(1, 8, 2, 8),) * 3, dict(layout="snake")),
         ((torch.randn(1, 8, 2, 8),) * 3, dict(kernel="triton")),
+        ((torch.randn(1, 8, 2, 8),) * 3, dict(grad_precision="half")),
     ],
 )
 def test_same_validation_messages(args, kw):
     assert _message(ring_attention, *args, **kw) == _message(
         context_parallel_attention, *args, **kw
     )
+
+
+def test_same_grad_precision_default_auto():
+    for fn in (ring_attention, context_parallel_attention):
+        assert inspect.signature(fn).parameters["grad_precision"].default == "auto"
+
+
+def test_grad_precision_message_names_the_argument():
+    q = torch.randn(1, 8, 2, 8)
+    with pytest.raises(ValueError, match=r"grad_precision='half' is unknown.*'exact'"):
+        ring_attention(q, q, q, grad_precision="half")
+
+
+@pytest.mark.parametrize(
+    "option,value",
+    [("parallel.grad_precision", "half"), ("parallel.kernel", "triton")],
+)
+def test_config_rejects_unknown_choice(option, value):
+    from ringattn.train.config import load_config
+
+    with pytest.raises(ValueError, match=rf"{option}='{value}' is unknown"):
+        load_config(None, [f"--{option}={value}"])

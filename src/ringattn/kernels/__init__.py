@@ -26,6 +26,15 @@ from .mask import MaskSpec
 from .merge import merge_
 
 KERNELS = ("auto", "blockwise", "sdpa", "flash_attn")
+# How half-precision blocks are differentiated (fp32 inputs are exact either way):
+#   "exact": each block's backward runs in fp32 (inputs cast per block), so the W block
+#            gradients are fp32 before they are summed: one rounding, at the end.
+#   "fast":  each block's backward runs in the input dtype (bf16/fp16 block gradients, summed
+#            in fp32), what flash-attn based rings do; faster where half matmuls are native.
+#   "auto":  "fast" on CUDA (flash-attn's own backward accumulates in fp32 and its bf16 block
+#            gradients cost < 2x naive error there), "exact" elsewhere (CPU: docs/precision.md).
+GRAD_PRECISIONS = ("auto", "exact", "fast")
+_HALF = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -70,10 +79,54 @@ def blockwise_kernel(block_size: int = 256) -> Kernel:
     )
 
 
-def get_kernel(name: str | Kernel, device: torch.device, dtype: torch.dtype) -> Kernel:
-    """Resolve ``kernel=`` to a Kernel for tensors on ``device`` of ``dtype``."""
+def check_grad_precision(value: str) -> None:
+    if value not in GRAD_PRECISIONS:
+        raise ValueError(
+            f"grad_precision={value!r} is unknown; choose one of {GRAD_PRECISIONS} "
+            "('exact': fp32 block backward, 'fast': block gradients in the input dtype)"
+        )
+
+
+def resolve_grad_precision(value: str, device: torch.device) -> str:
+    """``auto`` is ``fast`` on CUDA and ``exact`` elsewhere; ``exact``/``fast`` as given."""
+    check_grad_precision(value)
+    if value == "auto":
+        return "fast" if device.type == "cuda" else "exact"
+    return value
+
+
+def exact_grads(kernel: Kernel) -> Kernel:
+    """``kernel`` with its half-precision block backward run in fp32: q, k, v, out and dout
+    (b, h, s, d) are cast per block, so dq/dk/dv come back fp32 and are rounded once, after
+    the ring has summed them. On CUDA the fp32 blocks go to the efficient op (flash_attn and
+    the flash op take only half precision, see ``fits``)."""
+
+    def backward(dout, q, k, v, out, lse, *, causal, scale, mask=None):
+        if q.dtype in _HALF:
+            dout, q, k, v, out = (t.float() for t in (dout, q, k, v, out))
+        return kernel.backward(dout, q, k, v, out, lse, causal=causal, scale=scale, mask=mask)
+
+    return Kernel(f"{kernel.name}+exact-grads", kernel.forward, backward, kernel.fits)
+
+
+def get_kernel(
+    name: str | Kernel, device: torch.device, dtype: torch.dtype, grad_precision: str = "auto"
+) -> Kernel:
+    """Resolve ``kernel=`` and ``grad_precision=`` to a Kernel for tensors on ``device`` of
+    ``dtype``. A Kernel instance is used as given unless grad_precision="exact"."""
+    check_grad_precision(grad_precision)
     if isinstance(name, Kernel):
-        return name
+        kern = name
+        precision = grad_precision
+    else:
+        kern = _named_kernel(name, device, dtype)
+        precision = resolve_grad_precision(grad_precision, device)
+    if precision == "exact" and dtype in _HALF:
+        return exact_grads(kern)
+    return kern
+
+
+def _named_kernel(name: str, device: torch.device, dtype: torch.dtype) -> Kernel:
     if name not in KERNELS:
         raise ValueError(f"kernel={name!r} is unknown; choose one of {KERNELS}")
     cuda = device.type == "cuda"
@@ -101,13 +154,17 @@ def get_kernel(name: str | Kernel, device: torch.device, dtype: torch.dtype) -> 
 
 
 __all__ = [
+    "GRAD_PRECISIONS",
     "KERNELS",
     "Kernel",
+    "check_grad_precision",
+    "exact_grads",
     "MaskSpec",
     "blockwise_kernel",
     "flash_kernel",
     "get_kernel",
     "merge_",
+    "resolve_grad_precision",
     "routed_kernel",
     "sdpa_cuda_kernel",
 ]

@@ -96,11 +96,12 @@ def cpu_forward(q, k, v, *, causal: bool, scale: float, mask: MaskSpec | None = 
 
 def cpu_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, mask=None):
     check_causal(q, k, causal)
-    if q.dtype in _HALF:
-        # The op returns half-precision block gradients; summed over W blocks their rounding
-        # exceeded 2x a naive bf16 implementation's error (2.13x for dV over 40 seeds).
-        # Computing the block backward in fp32 keeps "cast once at the end" (~1.5x slower).
-        q, k, v = q.float(), k.float(), v.float()
+    compute = _cpu_compute_dtype(q.dtype)
+    if compute != q.dtype:
+        # No bf16 units: the op's half backward is emulated (~6x slower than fp32 here), so the
+        # block runs in fp32. With them, half blocks arrive here only in grad_precision="fast"
+        # ("exact" casts them to fp32 first: kernels.exact_grads).
+        q, k, v = q.to(compute), k.to(compute), v.to(compute)
     bias, _ = additive_mask(mask, q.dtype)
     # Rows with lse = -inf have out = 0; any finite lse gives them P = 0 as long as the mask
     # removes every key, and +inf guards the (impossible) unmasked case.

@@ -21,6 +21,7 @@ from torch import nn
 
 import ringattn
 from ringattn.balance import PACKED
+from ringattn.kernels import GRAD_PRECISIONS
 from ringattn.layouts import check_divisible
 
 __all__ = ["STRATEGIES", "CPAttention", "apply_cp", "local_doc_attention", "shard_batch"]
@@ -67,6 +68,7 @@ class CPAttention:
     kernel: str = "auto"
     mesh: object = None  # the 2-D ("ring", "ulysses") mesh of the hybrid strategy
     cu_seqlens: list[torch.Tensor] | None = None
+    grad_precision: str = "auto"  # half backward: "exact" | "fast" | "auto" (ring_attention)
 
     def __call__(self, q, k, v, causal: bool = True) -> torch.Tensor:
         if self.cu_seqlens is not None and self.cp == 1:
@@ -79,12 +81,14 @@ class CPAttention:
             return self._family(q, k, v, causal, list(self.cu_seqlens))
         if self.strategy == "ring":
             return ringattn.ring_attention(
-                q, k, v, causal=causal, layout=self.layout, group=self.group, kernel=self.kernel
-            )
+                q, k, v, causal=causal, layout=self.layout, group=self.group,
+                kernel=self.kernel, grad_precision=self.grad_precision,
+            )  # fmt: skip
         return self._family(q, k, v, causal, None)
 
     def _family(self, q, k, v, causal: bool, cu: list[torch.Tensor] | None) -> torch.Tensor:
         kw = dict(causal=causal, layout=self.layout, strategy=self.strategy, kernel=self.kernel)
+        kw["grad_precision"] = self.grad_precision
         if cu is not None:
             kw["cu_seqlens"] = cu
         if self.strategy == "hybrid":
@@ -100,6 +104,7 @@ def apply_cp(
     strategy: str = "ring",
     kernel: str = "auto",
     hybrid_mesh=None,
+    grad_precision: str = "auto",
 ) -> CPAttention:
     """Give every layer of ``model`` a :class:`CPAttention` over the 1-D ``cp_mesh``
     (``strategy="hybrid"``: also the 2-D ``hybrid_mesh`` named ("ring", "ulysses"));
@@ -113,7 +118,15 @@ def apply_cp(
             "parallel.strategy='hybrid' needs cp split into ring x ulysses: set "
             "--parallel.ulysses to a divisor of cp (> 1)"
         )
-    attn = CPAttention(cp_mesh.get_group(), cp_mesh.size(), layout, strategy, kernel, hybrid_mesh)
+    if grad_precision not in GRAD_PRECISIONS:
+        raise ValueError(
+            f"parallel.grad_precision={grad_precision!r} is unknown; choose one of "
+            f"{GRAD_PRECISIONS}"
+        )
+    attn = CPAttention(
+        cp_mesh.get_group(), cp_mesh.size(), layout, strategy, kernel, hybrid_mesh,
+        grad_precision=grad_precision,
+    )  # fmt: skip
     model.set_attention(attn)
     return attn
 

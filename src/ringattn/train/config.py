@@ -68,6 +68,7 @@ class ParallelConfig:
     strategy: str = "ring"  # ring | allgather | ulysses | hybrid
     ulysses: int = 1  # hybrid: Ulysses degree inside cp (cp = ring x ulysses)
     kernel: str = "auto"  # local attention kernel of the ring
+    grad_precision: str = "auto"  # half backward: exact | fast | auto (fast on CUDA only)
     sequence_parallel: bool = True  # with tp > 1: norms/residuals sharded over tp too
     ac: str = "none"  # activation checkpointing: full | none
     device: str = "auto"  # auto | cpu | cuda
@@ -292,6 +293,7 @@ def load_config(path=None, overrides: list[str] | None = None) -> Config:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks that need no process group."""
+    from ringattn.kernels import GRAD_PRECISIONS, KERNELS
     from ringattn.layouts import ALL_LAYOUTS
     from ringattn.parallel.ac import AC_MODES
     from ringattn.parallel.cp import STRATEGIES
@@ -299,6 +301,8 @@ def validate(cfg: Config) -> None:
     choices = [
         ("parallel.layout", cfg.parallel.layout, ALL_LAYOUTS),
         ("parallel.strategy", cfg.parallel.strategy, STRATEGIES),
+        ("parallel.kernel", cfg.parallel.kernel, KERNELS),
+        ("parallel.grad_precision", cfg.parallel.grad_precision, GRAD_PRECISIONS),
         ("parallel.ac", cfg.parallel.ac, AC_MODES),
         ("parallel.device", cfg.parallel.device, ("auto", "cpu", "cuda")),
         ("data.kind", cfg.data.kind, ("retrieval", "text", "tokens")),

@@ -88,6 +88,7 @@ def build_parallel_model(cfg: Config, mesh, device: torch.device, init: str = "m
         layout=cfg.parallel.layout,
         strategy=cfg.parallel.strategy,
         kernel=cfg.parallel.kernel,
+        grad_precision=cfg.parallel.grad_precision,
         hybrid_mesh=mesh.hybrid,
     )
     apply_ac(model, cfg.parallel.ac)
