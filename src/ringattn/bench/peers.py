@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import inspect
 import tempfile
 from pathlib import Path
 
@@ -65,10 +64,8 @@ def _torch_cp(rotate: str, row: dict, rank: int, world: int):
 
 
 def _ringattn(precision: str, kernel: str = "auto"):
-    kw = {"grad_precision": precision}
-    if "grad_precision" not in inspect.signature(ring_attention).parameters:  # TEMP shim
-        kw = {}
-    return lambda q, k, v: ring_attention(q, k, v, causal=True, kernel=kernel, **kw)
+    opts = dict(causal=True, kernel=kernel, grad_precision=precision)
+    return lambda q, k, v: ring_attention(q, k, v, **opts)
 
 
 def _rfa():
