@@ -23,6 +23,7 @@ import importlib
 import importlib.util
 import sys
 import types
+import warnings
 
 import torch
 
@@ -140,7 +141,9 @@ def ring_flash_attn_zigzag():
     shell.__path__, shell.__spec__ = list(spec.submodule_search_locations), spec
     names = ("ring_flash_attn.utils", "ring_flash_attn.zigzag_ring_flash_attn")
     with _modules({**_stand_in(), "ring_flash_attn": shell, **dict.fromkeys(names)}):
-        return importlib.import_module(names[1]).zigzag_ring_flash_attn_func
+        with warnings.catch_warnings():  # its utils use torch.jit.script, deprecated in 2.13
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return importlib.import_module(names[1]).zigzag_ring_flash_attn_func
 
 
 # --- PyTorch native context parallel: a CPU rule ----------------------------------------------
