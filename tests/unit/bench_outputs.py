@@ -26,7 +26,7 @@ TINY: dict[str, list[str]] = {
     "memory": ["--world", "1", "2", "--seq", "64", "128", *SMALL, "--plan-model", "tiny"]
     + ["--plan-world", "2", "4"],
     "layouts": ["--world", "2", "--seq", "64", *SMALL],
-    "peers": ["--world", "2", "--seq", "64", *SMALL, "--peer-bucket", "16", "--repeats", "1"],
+    "peers": ["--world", "2", "--seq", "256", "--heads", "2", "--head-dim", "16", "--repeats", "1"],
     "calibrate": ["--world", "2", "--seq", "64", *SMALL, "--repeats", "1", "--link-repeats", "1"],
     "train": ["--cp", "1", "--seq", "64", "--steps", "2", "--warmup", "1"],
     "packed": ["--world", "2", "--seq", "256", "--seeds", "1", "--time-seq", "64"]
