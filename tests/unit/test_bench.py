@@ -13,7 +13,7 @@ from ringattn.bench import calibrate, harness, layouts, memory, peers, rates, sc
 from ringattn.bench.cli import COMMANDS, bench_main
 from ringattn.bench.harness import problem
 from ringattn.bench.output import markdown_table, read_rows, write_rows
-from ringattn.layouts import LAYOUTS, shard
+from ringattn.layouts import LAYOUTS
 from ringattn.plan.hardware import Hardware
 from ringattn.plan.simulate import simulate
 
@@ -284,34 +284,46 @@ def test_memory_measure_call_and_plot(tmp_path):
 # --- peers --------------------------------------------------------------------------------
 
 
-def test_peer_errors_and_ratios(tmp_path):
-    row = problem(world=2, seq=64, heads=2, head_dim=8, peer_bucket=16)
-    ref = harness.sdpa_grads(row)
-    ref.update(wall_s=1.0, cpu_s=2.0)
-    plan = [("ringattn", "zigzag"), ("ring-attention-pytorch", "zigzag")]
-    res = []
-    for r in range(2):
-        exact = {n: shard(ref[n], "zigzag", rank=r, world_size=2) for n in harness.GRADS}
-        wrong = dict(exact, dk=exact["dk"] + 1.0)
-        res += [
-            {
-                plan[0]: dict(exact, wall_s=1.0, cpu_s=1.0),
-                plan[1]: dict(wrong, wall_s=3.0, cpu_s=4.0),
-            }
-        ]
-    rows = peer_rows = peers.peer_rows(row, res, ref, plan)
-    assert rows[0]["status"] == "exact" and rows[0]["err_out"] == 0.0
-    assert rows[1]["status"] == "WRONG dk"
-    assert rows[1]["wall_vs_ringattn"] == 3.0
-    assert rows[1]["cpu_vs_ringattn"] == 4.0
-    assert rows[1]["cpu_vs_sdpa"] == 4.0  # 8 CPU s over ranks / 2 s
-    notes = peers.note_rows(row, "NotImplementedError: x", lucidrains=False)
-    impls = [n["impl"] for n in notes]
-    assert impls[:2] == ["torch native CP", "ring-attention-pytorch"]
-    assert {"ring-flash-attn", "flash_attn"} <= set(impls)
-    all_rows = [dict(r, machine=MACHINE) for r in peer_rows + notes]
-    table = markdown_table(all_rows, peers.COLUMNS)
-    assert "NotImplementedError: x" in table
+@pytest.mark.parametrize("causal", [True, False])
+def test_bench_oracle_matches_naive_autograd(causal):
+    """The chunked float64 oracle (blocks of 8 rows of 24) equals tests/oracle.py's autograd."""
+    from ringattn.bench.oracle import attention_grads
+    from tests.oracle import grads
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v, do = (torch.randn(2, 24, 3, 8, generator=g) for _ in range(4))
+    got = attention_grads(q, k, v, do, causal=causal, block=8)
+    out, _, ref_g = grads(q, k, v, do, dtype=torch.float64, causal=causal)
+    for name, ref in zip(harness.GRADS, (out, *ref_g)):
+        assert got[name].dtype == torch.float64
+        assert (got[name] - ref).abs().max() <= 1e-12, name
+
+
+def test_peer_rows_status_and_summary(tmp_path):
+    row = problem(world=2, seq=64, heads=2, head_dim=8)
+    naive = {f"naive_err_{n}": 1e-3 for n in harness.GRADS}
+    base = dict(naive, sdpa_s=2.0, scale=dict.fromkeys(harness.GRADS, 1.0))
+    ok = dict.fromkeys(harness.GRADS, 1e-3)  # = naive: ok
+    impls = ["ringattn-exact", "ringattn-fast", "ring-flash-attn", "torch-cp", "torch-cp-alltoall"]
+    times = dict(zip(impls, (1.0, 0.5, 2.0, 4.0, 3.0)))
+    errs = {i: dict(ok, dv=0.01) if i == "ring-flash-attn" else ok for i in impls}
+    res = [
+        {i: dict(wall_s=times[i] - r / 10, cpu_s=1.0, errs=errs[i]) for i in impls} for r in (0, 1)
+    ]
+    rows = peers.impl_rows(row, base, res, impls)
+    by = {r["impl"]: r for r in rows}
+    assert by["ringattn-exact"]["status"] == "ok" and by["ringattn-exact"]["fwdbwd_s"] == 1.0
+    assert by["ring-flash-attn"]["status"] == "WRONG dv 10x naive"  # over 2x naive
+    assert by["ringattn-fast"]["vs_sdpa"] == 0.25 and by["torch-cp"]["fwdbwd_cpu_s"] == 2.0
+    (s,) = peers.summary(rows)
+    assert s["cp"] == 3.0  # the faster rotation
+    assert s["exact_vs_cp"] == pytest.approx(1 / 3) and s["fast_vs_rfa"] == 0.25
+    assert s["exact_vs_sdpa"] == 0.5
+    notes = peers.note_rows(row, ["ring-attention-pytorch"])
+    assert [n["impl"] for n in notes][-1] == "jax-ringattention"
+    all_rows = [dict(r, machine=MACHINE) for r in rows + notes]
+    assert "WRONG dv 10x naive" in markdown_table(all_rows, peers.COLUMNS)
+    assert "| 2 | 64 | fp32 | 1.000 | 3.000 | 0.33 |" in markdown_table([s], peers.SUMMARY)
     peers.plot(all_rows, str(tmp_path / "p.png"))
     assert _png_ok(tmp_path / "p.png")
 
