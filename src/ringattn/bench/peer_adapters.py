@@ -101,15 +101,11 @@ def _varlen(*args, **kwargs):
 
 
 def _stand_in() -> dict[str, types.ModuleType]:
-    pkg = types.ModuleType("flash_attn")
-    pkg.__version__, pkg.__path__ = FLASH_VERSION, []
-    iface = types.ModuleType("flash_attn.flash_attn_interface")
-    iface._flash_attn_forward, iface._flash_attn_backward = (
-        _flash_attn_forward,
-        _flash_attn_backward,
-    )
-    iface._flash_attn_varlen_forward = iface._flash_attn_varlen_backward = _varlen
-    pkg.flash_attn_interface = iface
+    pkg, iface = types.ModuleType("flash_attn"), types.ModuleType("flash_attn.flash_attn_interface")
+    pkg.__version__, pkg.__path__, pkg.flash_attn_interface = FLASH_VERSION, [], iface
+    fns = (_flash_attn_forward, _flash_attn_backward, _varlen, _varlen)  # what 0.1.8 imports
+    for name, fn in zip(("forward", "backward", "varlen_forward", "varlen_backward"), fns):
+        setattr(iface, f"_flash_attn_{name}", fn)
     return {"flash_attn": pkg, "flash_attn.flash_attn_interface": iface}
 
 
@@ -210,11 +206,8 @@ def torch_cp_cpu_rule(rotate: str = "allgather"):
     with contextlib.ExitStack() as stack:
         stack.enter_context(sr._op_strategy_context(_FWD, _strategy(2, 3, 2), None))
         stack.enter_context(sr._op_strategy_context(_BWD, _strategy(3, 6, 3, False), None))
+        stack.callback(setattr, cp._cp_options, "rotate_method", saved_rotate)
+        stack.callback(lambda: (cp.custom_ops.clear(), cp.custom_ops.update(saved_ops)))
         cp.custom_ops.update({_FWD: _handler, _BWD: _handler})
         cp.set_rotate_method(rotate)
-        try:
-            yield
-        finally:
-            cp.custom_ops.clear()
-            cp.custom_ops.update(saved_ops)
-            cp._cp_options.rotate_method = saved_rotate
+        yield

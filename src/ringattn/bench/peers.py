@@ -11,6 +11,7 @@ dv against a float64 oracle, next to the error of single-process SDPA in the inp
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import tempfile
 from pathlib import Path
@@ -26,72 +27,58 @@ from .oracle import reference
 
 FP32_TOL = 1e-4  # relative to max |oracle|: the floor of "ok" (2x naive is the rule)
 
-# --- implementations: a context (row, rank, world) yielding a fwd+bwd callable that returns
-# out, dq, dk, dv (b, s_local, h, d) in the impl's layout
-
-
-@contextlib.contextmanager
-def _local(fn, layout: str, row: dict, rank: int, world: int):
-    q, k, v, do = h.local_inputs(row, rank, world, layout)
-
-    def run():
-        ql, kl, vl = (t.detach().requires_grad_() for t in (q, k, v))
-        out = fn(ql, kl, vl)
-        out.backward(do)
-        return out.detach(), ql.grad, kl.grad, vl.grad
-
-    yield run
-
-
-@contextlib.contextmanager
-def _torch_cp(rotate: str, row: dict, rank: int, world: int):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.experimental import context_parallel
-
-    mesh = init_device_mesh("cpu", (world,))
-    # the global (b, h, s, d) inputs, sharded in place by its head-tail balancer (= zigzag)
-    bufs = [t.transpose(1, 2).contiguous() for t in h.make_inputs(row)]
-    cp = context_parallel(mesh, buffers=bufs, buffer_seq_dims=[2] * 4, no_restore_buffers=set(bufs))
-    with peer_adapters.torch_cp_cpu_rule(rotate), cp:
-
-        def run():
-            ql, kl, vl = (t.detach().requires_grad_() for t in bufs[:3])
-            out = F.scaled_dot_product_attention(ql, kl, vl, is_causal=True)
-            out.backward(bufs[3])
-            return tuple(t.transpose(1, 2) for t in (out.detach(), ql.grad, kl.grad, vl.grad))
-
-        yield run
+# --- implementations: a context (world) yielding attention (q, k, v) -> out on this rank's
+# shards (b, s_local, h, d) in the impl's layout
 
 
 def _ringattn(precision: str, kernel: str = "auto"):
     opts = dict(causal=True, kernel=kernel, grad_precision=precision)
-    return lambda q, k, v: ring_attention(q, k, v, **opts)
+    return lambda world: contextlib.nullcontext(lambda q, k, v: ring_attention(q, k, v, **opts))
 
 
-def _rfa():
+def _rfa(world: int):
     fn = peer_adapters.ring_flash_attn_zigzag()
-    return lambda q, k, v: fn(q, k, v, causal=True)
+    return contextlib.nullcontext(lambda q, k, v: fn(q, k, v, causal=True))
 
 
-def _lucidrains():
+def _lucidrains(world: int):
     from ring_attention_pytorch import ring_flash_attn
 
     # its striped mask indexes buckets across ranks: exact only with one bucket per rank
-    return lambda q, k, v: ring_flash_attn(
+    return contextlib.nullcontext(lambda q, k, v: ring_flash_attn(
         q, k, v, causal=True, bucket_size=q.shape[1], ring_reduce_col=True, striped_ring_attn=True
-    )
+    ))  # fmt: skip
 
 
-IMPLS = {  # name -> (layout, () -> attention (q, k, v) -> out; None: torch CP's own context)
-    "ringattn-exact": ("zigzag", lambda: _ringattn("exact")),
-    "ringattn-fast": ("zigzag", lambda: _ringattn("fast")),
-    "ringattn-blockwise": ("zigzag", lambda: _ringattn("exact", "blockwise")),
+@contextlib.contextmanager
+def _torch_cp(rotate: str, world: int):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.experimental import context_parallel
+
+    # our zigzag shards are its head-tail shards already: it is given one dummy buffer (it
+    # wants one) to choose the head-tail balancer, and its SDPA sees the (b, h, s, d) shards
+    dummy = torch.zeros(1, 1, 2 * world, 1)
+    mesh = init_device_mesh("cpu", (world,))
+    with (
+        peer_adapters.torch_cp_cpu_rule(rotate),
+        context_parallel(mesh, buffers=[dummy], buffer_seq_dims=[2]),
+    ):
+        tr = lambda *ts: (t.transpose(1, 2) for t in ts)
+        yield lambda q, k, v: F.scaled_dot_product_attention(
+            *tr(q, k, v), is_causal=True
+        ).transpose(1, 2)
+
+
+IMPLS = {  # name -> (layout, its context)
+    "ringattn-exact": ("zigzag", _ringattn("exact")),
+    "ringattn-fast": ("zigzag", _ringattn("fast")),
+    "ringattn-blockwise": ("zigzag", _ringattn("exact", "blockwise")),
     "ring-flash-attn": ("zigzag", _rfa),
-    "torch-cp": ("zigzag", None),  # rotates K/V by all-gather (torch's default)
-    "torch-cp-alltoall": ("zigzag", None),
+    "torch-cp": ("zigzag", functools.partial(_torch_cp, "allgather")),  # torch's default
+    "torch-cp-alltoall": ("zigzag", functools.partial(_torch_cp, "alltoall")),
     "ring-attention-pytorch": ("striped", _lucidrains),
 }
-TORCH_CP = {"torch-cp": "allgather", "torch-cp-alltoall": "alltoall"}
+TORCH_CP = ("torch-cp", "torch-cp-alltoall")
 MODULES = {"ring-flash-attn": "ring_flash_attn", "ring-attention-pytorch": "ring_attention_pytorch"}
 
 
@@ -102,21 +89,24 @@ def _installed(impl: str) -> bool:
 def _measure(impl: str, row: dict, rank: int, world: int, repeats: int, ref: dict) -> dict:
     """Median fwd+bwd wall time of ``impl`` on this rank, the CPU time of its fastest run, and
     max |x - oracle| of its last run on this rank's tokens."""
-    layout, attn = IMPLS[impl]
-    last: dict = {}
-    ctx = _torch_cp(TORCH_CP[impl], row, rank, world) if attn is None else None
-    with ctx or _local(attn(), layout, row, rank, world) as run:
+    layout, make = IMPLS[impl]
+    q, k, v, do = h.local_inputs(row, rank, world, layout)
+    got: dict = {}
+    with make(world) as attn:
 
         def clocked() -> dict:
             m: dict = {}
+            ql, kl, vl = (t.detach().requires_grad_() for t in (q, k, v))
             h.barrier()
             with h.clock(m):
-                last["got"] = run()
+                out = attn(ql, kl, vl)
+                out.backward(do)
+            got.update(out=out.detach(), dq=ql.grad, dk=kl.grad, dv=vl.grad)
             return m
 
         best, median = h.timed(clocked, repeats, key="wall_s")
     mine = {n: shard(t, layout, rank=rank, world_size=world) for n, t in ref.items()}
-    errs = {n: float((g.double() - mine[n]).abs().max()) for n, g in zip(h.GRADS, last["got"])}
+    errs = {n: float((got[n].double() - mine[n]).abs().max()) for n in h.GRADS}
     return dict(wall_s=median, cpu_s=best["cpu_s"], errs=errs)
 
 
