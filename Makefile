@@ -20,12 +20,14 @@ $(STAMP): pyproject.toml | $(PY)
 	@touch $(STAMP)
 
 # The optional extras the tests exercise (transformers for ringattn.integrations.hf; tokenizers,
-# safetensors and pyarrow for prepare/export), installed
+# safetensors and pyarrow for prepare/export; ring-flash-attn for the peers tests), installed
 # by `make test` only; their tests skip cleanly where they are absent. They must not replace
 # torch==2.13.0 (pip keeps an installed torch that satisfies them).
 EXTRAS := $(VENV)/.extras
 $(EXTRAS): $(STAMP)
 	$(PY) -m pip install -q -e ".[dev,bench,hf,data]" pyarrow torch==2.13.0
+	# a peer of `ringattn bench peers`; it pins nothing useful for CPU, so no deps (torch stays)
+	$(PY) -m pip install -q --no-deps ring-flash-attn==0.1.8
 	@touch $(EXTRAS)
 
 install: $(STAMP)

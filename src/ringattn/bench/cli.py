@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "weak": ("scaling", "weak_main", "weak scaling: W and seq doubled together"),
     "memory": ("memory", "main", "per-rank peak memory vs seq and W; max context vs W"),
     "layouts": ("layouts", "main", "causal: per-rank FLOPs and time, contiguous/zigzag/striped"),
-    "peers": ("peers", "main", "ring-attention-pytorch, torch native CP, flash libs: ratios"),
+    "peers": ("peers", "main", "ring-flash-attn, torch native CP: time, float64-oracle errors"),
     "calibrate": ("calibrate", "main", "measure kernel and gloo rates; simulator vs measured"),
     "train": ("train", "main", "trainer step: tokens/s, TFLOP/s per rank, MFU vs cp"),
     "packed": ("packed", "main", "packed documents: per-rank FLOPs and time per layout"),

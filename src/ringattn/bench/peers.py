@@ -198,7 +198,7 @@ def plot(rows: list[dict], path: str) -> None:
         (line,) = ax.plot([x for x, _ in mine], [r["vs_sdpa"] for _, r in mine], "o-", label=impl)
         bad = [(x, r["vs_sdpa"]) for x, r in mine if r["status"] != "ok"]
         if bad:  # a cross over each wrong result
-            ax.plot(*zip(*bad), "x", ms=12, color=line.get_color())
+            ax.plot(*zip(*bad), "x", ms=14, mew=2.5, color=line.get_color())
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(range(len(probs)), [f"W={w}\n{s}\n{d}" for w, s, d in probs], fontsize=7)
     output.style(ax, "", "fwd+bwd time / single-process SDPA", "peers (x: wrong)", logy=10)
