@@ -73,9 +73,10 @@ def test_ring_flash_attn_bf16(pools, world):
 def test_ring_flash_attn_fp32_backward_aliases(pools, world):
     """fp32 is not a flash-attn dtype (it takes fp16/bf16 only), and ring-flash-attn 0.1.8 is
     wrong there: ``dq = dq_buffer.to(torch.float32)`` returns the block buffer itself, which the
-    next block's backward overwrites. Its forward is exact; ``bench peers`` reports the
-    gradients as WRONG. This pins that the adapter reproduces it (and would see a fix)."""
+    next block's backward overwrites (dk, dv likewise, but they are sent meanwhile, so whether
+    they end up wrong is a race). Its forward is exact; ``bench peers`` reports the gradients
+    as WRONG. This pins that the adapter reproduces it (and would see a fix)."""
     spec = make_spec(world, "fp32")
     errs, _ = errors(spec, pools(world).run(rfa_case, spec))
     assert errs["out"] <= FP32_REL, errs
-    assert min(errs["dq"], errs["dk"], errs["dv"]) > 0.1, errs
+    assert errs["dq"] > 0.1, errs

@@ -1,11 +1,9 @@
-"""``ringattn bench peers``: ringattn beside other context-parallel attention implementations,
-in one run, on the same inputs, in the same gloo ranks (1 thread each): ring-flash-attn 0.1.8
-and PyTorch's native ``context_parallel`` through the thin adapters of
-:mod:`ringattn.bench.peer_adapters` (both on PyTorch's CPU flash op), ring-attention-pytorch
-when installed. Causal, zigzag (torch CP: its head-tail balancer, the same layout). Each
-impl's fwd+bwd time (median of --repeats after a warm-up) and its max |error| of out, dq, dk,
-dv against a float64 oracle, next to the error of single-process SDPA in the input dtype
-(naive). See docs/benchmarks.md.
+"""``ringattn bench peers``: ringattn, ring-flash-attn 0.1.8 and PyTorch's native
+``context_parallel`` (both on PyTorch's CPU flash op through :mod:`.peer_adapters`) and
+ring-attention-pytorch (when installed) in one run: same inputs, same zigzag shards, same gloo
+ranks (1 thread each), causal. Per impl: fwd+bwd time (median of --repeats after a warm-up)
+and max |error| of out, dq, dk, dv against a float64 oracle, next to single-process SDPA's
+error in the input dtype (naive). See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -26,6 +24,7 @@ from . import output, peer_adapters
 from .oracle import reference
 
 FP32_TOL = 1e-4  # relative to max |oracle|: the floor of "ok" (2x naive is the rule)
+_prob = lambda r: (r["world"], r["seq"], r["dtype"])  # one problem of the sweep
 
 # --- implementations: a context (world) yielding attention (q, k, v) -> out on this rank's
 # shards (b, s_local, h, d) in the impl's layout
@@ -57,16 +56,11 @@ def _torch_cp(rotate: str, world: int):
 
     # our zigzag shards are its head-tail shards already: it is given one dummy buffer (it
     # wants one) to choose the head-tail balancer, and its SDPA sees the (b, h, s, d) shards
-    dummy = torch.zeros(1, 1, 2 * world, 1)
-    mesh = init_device_mesh("cpu", (world,))
-    with (
-        peer_adapters.torch_cp_cpu_rule(rotate),
-        context_parallel(mesh, buffers=[dummy], buffer_seq_dims=[2]),
-    ):
-        tr = lambda *ts: (t.transpose(1, 2) for t in ts)
-        yield lambda q, k, v: F.scaled_dot_product_attention(
-            *tr(q, k, v), is_causal=True
-        ).transpose(1, 2)
+    dummy, mesh = torch.zeros(1, 1, 2 * world, 1), init_device_mesh("cpu", (world,))
+    cp = context_parallel(mesh, buffers=[dummy], buffer_seq_dims=[2])
+    with peer_adapters.torch_cp_cpu_rule(rotate), cp:
+        sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        yield lambda *qkv: sdpa(*(t.transpose(1, 2) for t in qkv)).transpose(1, 2)
 
 
 IMPLS = {  # name -> (layout, its context)
@@ -120,12 +114,9 @@ def _rank(rank: int, world: int, rows: list[dict], bases: list[dict], impls, rep
 
 def _status(errs: dict, base: dict) -> str:
     """ok, or the tensors over max(2x naive, FP32_TOL x max |oracle|) and their err / naive."""
-    bound = {n: max(2 * base[f"naive_err_{n}"], FP32_TOL * base["scale"][n]) for n in h.GRADS}
-    bad = [
-        f"{n} {errs[n] / base[f'naive_err_{n}']:.3g}x naive"
-        for n in h.GRADS
-        if not errs[n] <= bound[n]
-    ]
+    naive = {n: base[f"naive_err_{n}"] for n in h.GRADS}
+    bound = {n: max(2 * naive[n], FP32_TOL * base["scale"][n]) for n in h.GRADS}
+    bad = [f"{n} {errs[n] / naive[n]:.3g}x naive" for n in h.GRADS if not errs[n] <= bound[n]]
     return "WRONG " + ", ".join(bad) if bad else "ok"
 
 
@@ -177,7 +168,7 @@ def summary(rows: list[dict]) -> list[dict]:
     """One line per problem: ours exact vs torch CP, ours fast vs ring-flash-attn, and SDPA."""
     out = {}
     for r in (r for r in rows if "fwdbwd_s" in r):
-        s = out.setdefault((r["world"], r["seq"], r["dtype"]), dict(r, sdpa=r["sdpa_s"]))
+        s = out.setdefault(_prob(r), dict(r, sdpa=r["sdpa_s"]))
         key = {"ringattn-exact": "exact", "ringattn-fast": "fast", "ring-flash-attn": "rfa"}
         name = key.get(r["impl"], "cp" if r["impl"] in TORCH_CP else r["impl"])
         s[name] = min(s.get(name, float("inf")), r["fwdbwd_s"])  # torch CP: its best rotation
@@ -189,12 +180,10 @@ def summary(rows: list[dict]) -> list[dict]:
 
 def plot(rows: list[dict], path: str) -> None:
     ran = [r for r in rows if "fwdbwd_s" in r]
-    probs = list(dict.fromkeys((r["world"], r["seq"], r["dtype"]) for r in ran))
+    probs = list(dict.fromkeys(map(_prob, ran)))
     fig, ax = output.figure(1, figsize=(max(6, 0.8 * len(probs)), 4.5))
     for impl in dict.fromkeys(r["impl"] for r in ran):
-        mine = [
-            (probs.index((r["world"], r["seq"], r["dtype"])), r) for r in ran if r["impl"] == impl
-        ]
+        mine = [(probs.index(_prob(r)), r) for r in ran if r["impl"] == impl]
         (line,) = ax.plot([x for x, _ in mine], [r["vs_sdpa"] for _, r in mine], "o-", label=impl)
         bad = [(x, r["vs_sdpa"]) for x, r in mine if r["status"] != "ok"]
         if bad:  # a cross over each wrong result
