@@ -166,15 +166,16 @@ def _strategy(n_out: int, n_in: int, input_index: int, validate: bool = True):
 def _ring(op_call, mesh, *args, **kwargs):
     from torch.distributed.tensor.experimental._context_parallel import _attention as cp
 
-    if kwargs.get("attn_mask") is not None:
-        raise NotImplementedError("torch CP CPU rule: no attn_mask")
-    group, scale = mesh.get_group(), kwargs.get("scale")
+    n = 3 if op_call == _FWD else 6  # the tensors before (dropout_p, is_causal)
+    opts = dict(zip(("dropout_p", "is_causal"), args[n:]), **kwargs)
+    if opts.get("attn_mask") is not None or opts.get("dropout_p"):
+        raise NotImplementedError("torch CP CPU rule: no attn_mask, no dropout")
+    group, scale, causal = mesh.get_group(), opts.get("scale"), bool(opts.get("is_causal"))
     if op_call == _FWD:  # (q, k, v, dropout_p=0, is_causal=False)
-        q, k, v, *rest = args
-        causal = bool(rest[1]) if len(rest) > 1 else False
+        q, k, v = args[:3]
         op = lambda q, k, v, *, is_causal: block_forward(q, k, v, is_causal, scale)  # noqa: E731
         return cp._templated_ring_attention(group, SEQ_DIM, op, q, k, v, is_causal=causal)
-    dout, q, k, v, out, lse, _, causal = args  # ..., dropout_p, is_causal
+    dout, q, k, v, out, lse = args[:6]
 
     def op(*, query, key, value, out, logsumexp, is_causal, grad_out):
         return block_backward(grad_out, query, key, value, out, logsumexp, is_causal, scale)
