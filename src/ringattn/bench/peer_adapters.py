@@ -1,19 +1,13 @@
-"""Thin adapters that let two peers run on PyTorch's CPU flash op, for ``ringattn bench peers``.
+"""Thin adapters that run two peers on PyTorch's CPU flash op, for ``ringattn bench peers``
+(docs/benchmarks.md says what each maps and why):
 
-- **ring-flash-attn 0.1.8** imports ``_flash_attn_forward`` / ``_flash_attn_backward`` (and the
-  varlen pair) from ``flash_attn.flash_attn_interface``, which is CUDA-only. A stand-in
-  ``flash_attn`` 2.6.3 (plain functions, ``window_size`` a tuple, an 8-tuple forward, a backward
-  that writes into the dq/dk/dv it is given), installed in ``sys.modules`` only while its zigzag
-  module is loaded, routes those calls to the CPU op.
-- **PyTorch native context parallel** (torch 2.13) dispatches SDPA on DTensors to its ring
-  only for the CUDA flash/efficient/cuDNN ops. :func:`torch_cp_cpu_rule` adds a sharding rule
-  and a handler for ``_scaled_dot_product_flash_attention_for_cpu`` and its backward that run
-  torch's own ``_templated_ring_attention`` (and backward) with the CPU op as the block op.
+- ring-flash-attn 0.1.8: a stand-in ``flash_attn`` 2.6.3 (:func:`ring_flash_attn_zigzag`).
+- PyTorch native context parallel: a sharding rule and SDPA handler for the CPU op that run
+  torch's own ring functions (:func:`torch_cp_cpu_rule`).
 
-Fairness: real flash-attn computes in fp32 from bf16 inputs and returns bf16. On a CPU without
-bf16 units the CPU op's bf16 backward is ~6x slower than fp32, so both adapters then compute the
-block in fp32 and return the input dtype (as ringattn's own CPU kernel does); with bf16 units
-they call the op in bf16 directly.
+Fairness: real flash-attn computes in fp32 from bf16 inputs and returns bf16. Where the CPU has
+no bf16 units (the op's bf16 backward is then ~6x slower than fp32) both adapters compute
+half-precision blocks in fp32 and return the input dtype, as ringattn's CPU kernel does.
 """
 
 from __future__ import annotations
