@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -49,14 +50,20 @@ def _lucidrains(world: int):
     ))  # fmt: skip
 
 
+@functools.cache
+def _mesh(world: int):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (world,))  # one per rank process, reused by every turn
+
+
 @contextlib.contextmanager
 def _torch_cp(rotate: str, world: int):
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.experimental import context_parallel
 
     # our zigzag shards are its head-tail shards already: it is given one dummy buffer (it
     # wants one) to choose the head-tail balancer, and its SDPA sees the (b, h, s, d) shards
-    dummy, mesh = torch.zeros(1, 1, 2 * world, 1), init_device_mesh("cpu", (world,))
+    dummy, mesh = torch.zeros(1, 1, 2 * world, 1), _mesh(world)
     cp = context_parallel(mesh, buffers=[dummy], buffer_seq_dims=[2])
     with peer_adapters.torch_cp_cpu_rule(rotate), cp:
         sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -80,35 +87,44 @@ def _installed(impl: str) -> bool:
     return importlib.util.find_spec(MODULES.get(impl, "torch")) is not None
 
 
-def _measure(impl: str, row: dict, rank: int, world: int, repeats: int, ref: dict) -> dict:
-    """Median fwd+bwd wall time of ``impl`` on this rank, the CPU time of its fastest run, and
-    max |x - oracle| of its last run on this rank's tokens."""
-    layout, make = IMPLS[impl]
-    q, k, v, do = h.local_inputs(row, rank, world, layout)
-    got: dict = {}
-    with make(world) as attn:
-
-        def clocked() -> dict:
-            m: dict = {}
-            ql, kl, vl = (t.detach().requires_grad_() for t in (q, k, v))
-            h.barrier()
-            with h.clock(m):
-                out = attn(ql, kl, vl)
-                out.backward(do)
-            got.update(out=out.detach(), dq=ql.grad, dk=kl.grad, dv=vl.grad)
-            return m
-
-        best, median = h.timed(clocked, repeats, key="wall_s")
-    mine = {n: shard(t, layout, rank=rank, world_size=world) for n, t in ref.items()}
-    errs = {n: float((got[n].double() - mine[n]).abs().max()) for n in h.GRADS}
-    return dict(wall_s=median, cpu_s=best["cpu_s"], errs=errs)
+def _run(impl: str, world: int, inputs: tuple, got: dict) -> dict:
+    """One fwd+bwd of ``impl`` on this rank's shards ``inputs`` (q, k, v, dout): its wall and
+    CPU time; out and the grads are left in ``got``."""
+    q, k, v, do = inputs
+    m: dict = {}
+    with IMPLS[impl][1](world) as attn:
+        ql, kl, vl = (t.detach().requires_grad_() for t in (q, k, v))
+        h.barrier()
+        with h.clock(m):
+            out = attn(ql, kl, vl)
+            out.backward(do)
+    got.update(out=out.detach(), dq=ql.grad, dk=kl.grad, dv=vl.grad)
+    return m
 
 
 def _rank(rank: int, world: int, rows: list[dict], bases: list[dict], impls, repeats) -> list:
+    """Per problem and impl on this rank: median fwd+bwd wall time, the CPU time of its fastest
+    run and max |x - oracle| on this rank's tokens. The impls take turns (a warm-up round, then
+    ``repeats`` timed rounds), so a change in the machine's load falls on all of them alike."""
     out = []
     for row, base in zip(rows, bases):
         ref = torch.load(base["file"], mmap=True)  # the oracle (b, s, h, d) float64, lazily
-        out.append({i: _measure(i, row, rank, world, repeats, ref) for i in impls})
+        layouts = {IMPLS[i][0] for i in impls}
+        inputs = {lay: h.local_inputs(row, rank, world, lay) for lay in layouts}
+        runs: dict = {i: [] for i in impls}
+        got: dict = {i: {} for i in impls}
+        for turn in range(repeats + 1):
+            for i in impls:
+                m = _run(i, world, inputs[IMPLS[i][0]], got[i])
+                if turn:  # turn 0 is the warm-up
+                    runs[i].append(m)
+        res = {}
+        for i in impls:
+            mine = {n: shard(t, IMPLS[i][0], rank=rank, world_size=world) for n, t in ref.items()}
+            errs = {n: float((got[i][n].double() - mine[n]).abs().max()) for n in h.GRADS}
+            wall = statistics.median(m["wall_s"] for m in runs[i])
+            res[i] = dict(wall_s=wall, cpu_s=min(m["cpu_s"] for m in runs[i]), errs=errs)
+        out.append(res)
     return out
 
 
