@@ -18,6 +18,9 @@ from ..schedule import attention_flops
 from . import harness as h
 from . import output
 
+# what the single-process SDPA reference depends on
+GLOBAL_PROBLEM = ("seq", "causal", "dtype", "batch", "heads", "kv_heads", "head_dim")
+
 
 def _attend(row: dict, world: int):
     """The strategy's call for this row, with its keyword arguments."""
@@ -65,13 +68,16 @@ def measure(rows: list[dict], repeats=1, threads=1, reference=True, on_row=None)
     global problem, timed once per problem in this process. Returns summarized rows in
     launch order; ``on_row(row)`` sees each as soon as it is ready."""
     torch.set_num_threads(threads)
-    ref = h.ReferenceCache(repeats) if reference else None
+    refs: dict = {}  # the global problem -> its SDPA timings, so sweeps over W time it once
     results = []
     for w in sorted({r["world"] for r in rows}):
         mine = [r for r in rows if r["world"] == w]
         ranks = h.run_ranks(time_rows, w, mine, repeats, threads=threads)
         for i, row in enumerate(mine):
-            results.append(summarize(row, [r[i] for r in ranks], ref(row) if ref else None))
+            key = tuple(row[k] for k in GLOBAL_PROBLEM)
+            if reference and key not in refs:
+                refs[key] = h.sdpa_reference(row, repeats)
+            results.append(summarize(row, [r[i] for r in ranks], refs.get(key)))
             if on_row is not None:
                 on_row(results[-1])
     return results
@@ -86,9 +92,8 @@ def summarize(row: dict, ranks: list[dict], ref: dict | None) -> dict:
     # wall times, waits, bytes and RSS: the slowest rank's; CPU time: the sum over ranks
     res = dict(
         row,
-        **{k: max(per[k]) for k in ("fwd_s", "fwdbwd_s")},
+        **{k: max(per[k]) for k in ("fwd_s", "fwdbwd_s", "wait_fwd_s", "wait_fwdbwd_s")},
         **{k: sum(per[k]) for k in ("fwd_cpu_s", "fwdbwd_cpu_s")},
-        **{k: max(per[k]) for k in ("wait_fwd_s", "wait_fwdbwd_s")},
         **{f"bytes_sent_{k}": max(per[f"bytes_{k}"]) for k in ("fwd", "fwdbwd")},
         peak_rss_mb=max(per["peak_rss_mb"]),
         flops_fwd_max_over_min=max(flops) / max(min(flops), 1),
@@ -112,17 +117,11 @@ def summarize(row: dict, ranks: list[dict], ref: dict | None) -> dict:
     return res
 
 
-def _mb(r: dict) -> str:
-    v = r.get("bytes_sent_fwdbwd")
-    return "-" if v is None else f"{v / 2**20:.1f}"
-
-
 COLUMNS = output.columns(
     "world=W; strategy=strategy; layout=layout; causal=causal; dtype=dtype; seq=seq; "
     "fwd_s=fwd s:.3f; fwdbwd_s=f+b s:.3f; tflops_fwdbwd_per_rank=TF/s/rank:.3f; "
-    "wait_fwdbwd_s=wait s:.3f; bytes_sent_fwdbwd=MB sent; peak_rss_mb=RSS MB:.0f; "
+    "wait_fwdbwd_s=wait s:.3f; bytes_sent_fwdbwd=MB sent:.1f/1048576; peak_rss_mb=RSS MB:.0f; "
     "sdpa_fwdbwd_cpu_s=sdpa cpu s:.3f; cpu_ratio_fwdbwd=cpu ratio:.2f",
-    bytes_sent_fwdbwd=_mb,
 )
 
 
@@ -131,13 +130,12 @@ def table(rows: list[dict]) -> str:
 
 
 def parse(argv: list[str]):
-    p = h.parser("bench attention", __doc__)
+    p = h.parser("bench attention", __doc__, repeats=1)
     h.problem_args(p, world=[2, 4], seq=[4096], many=("world", "seq", "layout", "dtype"),
                    dtypes=list(h.DTYPES), extra=("kv_heads", "kernel", "batch"))  # fmt: skip
     p.set_defaults(layout=["zigzag"])
     p.add_argument("--strategy", nargs="+", default=["ring"], choices=[*STRATEGIES, "all"])
     p.add_argument("--causal", choices=["yes", "no", "both"], default="yes")
-    p.add_argument("--repeats", type=h.positive, default=1, help="timed runs after a warm-up")
     p.add_argument("--threads", type=h.positive, default=1, help="threads per rank and SDPA")
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--out", default=None, help="append JSON lines here (default: stdout)")

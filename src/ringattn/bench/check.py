@@ -76,19 +76,14 @@ def main(argv: list[str]) -> int:
     )  # fmt: skip
     tol = 1e-4 if a.dtype == "fp32" else 5e-2
     ok = all(e <= tol for e in errs.values())
-    if a.json:
-        print(json.dumps(summary))
-        return 0 if ok else 1
-    print(
-        f"ring fwd {summary['ring_fwd_s']:.1f}s, fwd+bwd {summary['ring_fwdbwd_s']:.1f}s "
-        f"(slowest rank; {a.world} ranks share {output.cores()} cores) | single-process SDPA "
-        f"fwd+bwd {ref['wall_s']:.1f}s"
-    )
-    print(
-        f"peak RSS per rank (MB): {summary['peak_rss_mb_per_rank']}; growth during "
-        f"attention: {summary['attn_rss_growth_mb_per_rank']} vs single-process SDPA "
-        f"{summary['sdpa_rss_growth_mb']}"
-    )
     errors = ", ".join(f"{n} {e:.2e}" for n, e in errs.items())
-    print(f"max |ring - sdpa|: {errors}  -> {'OK' if ok else 'MISMATCH'} (tol {tol:g})")
+    text = (
+        f"ring fwd {summary['ring_fwd_s']:.1f}s, fwd+bwd {summary['ring_fwdbwd_s']:.1f}s (slowest "
+        f"rank; {a.world} ranks share {output.cores()} cores) | single-process SDPA fwd+bwd "
+        f"{ref['wall_s']:.1f}s\npeak RSS per rank (MB): {summary['peak_rss_mb_per_rank']}; "
+        f"growth during attention: {summary['attn_rss_growth_mb_per_rank']} vs single-process "
+        f"SDPA {summary['sdpa_rss_growth_mb']}\nmax |ring - sdpa|: {errors}  -> "
+        f"{'OK' if ok else 'MISMATCH'} (tol {tol:g})"
+    )
+    print(json.dumps(summary) if a.json else text)
     return 0 if ok else 1

@@ -131,9 +131,13 @@ def measure_rows(rank: int, world: int, rows: list[dict]) -> list[dict]:
 def planner_attention_mb(row: dict) -> float:
     """The planner's ring working set for this shape: the paper's 6 blocks (q, k, v, out and
     the incoming k, v; GQA shrinks k, v), ``b c (2 h + 4 h_kv) d`` elements."""
-    c = row["seq"] // row["world"]
-    elems = row["batch"] * c * (2 * row["heads"] + 4 * row["kv_heads"]) * row["head_dim"]
-    return elems * h.DTYPE_BYTES[row["dtype"]] / MB
+    return _q_block_bytes(row) * (2 * row["heads"] + 4 * row["kv_heads"]) // row["heads"] / MB
+
+
+def _q_block_bytes(row: dict) -> int:
+    """Bytes of one rank's local q block (b, s/W, h, d): the unit of the memory tables."""
+    local = row["seq"] // row["world"]
+    return row["batch"] * local * row["heads"] * row["head_dim"] * h.DTYPE_BYTES[row["dtype"]]
 
 
 def summarize(row: dict, ranks: list[dict]) -> dict:
@@ -144,7 +148,7 @@ def summarize(row: dict, ranks: list[dict]) -> dict:
     return dict(
         row, kind="measure", local_seq=row["seq"] // row["world"], inputs_mb=inputs,
         peak_extra_mb=peak, peak_total_mb=inputs + peak,
-        rss_growth_mb=max(growth) if growth else None, blocks=peak * MB / h.block_bytes(row),
+        rss_growth_mb=max(growth) if growth else None, blocks=peak * MB / _q_block_bytes(row),
         planner_attention_mb=planner,
     )  # fmt: skip
 
@@ -236,12 +240,7 @@ CTX_COLUMNS = output.columns(
 
 NOTES = (
     "Per rank, largest rank, fwd+bwd of causal {layout} attention, {dtype}, {heads} heads x "
-    "{head_dim}. "
-    "peak live: the most tensor bytes alive at once during the call, beyond its inputs "
-    "(q, k, v, dout); '= q blocks' divides by one local q block (b s/W h d). RSS growth: "
-    "peak resident memory growth during the call (includes kernel scratch, page-granular). "
-    "planner 6 blocks: the paper's ring working set the planner counts for this shape "
-    "(forward only; backward adds the fp32 dq, dk/dv accumulators and their in-flight copies)."
+    "{head_dim}. Method and columns: docs/benchmarks.md#memory."
 )
 
 

@@ -6,6 +6,7 @@ exchange times and the latency/bandwidth fit, and how much of a core a rank gets
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -21,38 +22,13 @@ def least_cpu(fn, repeats: int) -> float:
     return timed(fn, repeats)[0]["cpu_s"]
 
 
-def _block(row: dict, n: int) -> list:
-    """Seeded q, k, v, dout of ``row``'s shape for ``n`` tokens, (b, h[_kv], n, d)."""
-    return [t.transpose(1, 2).contiguous() for t in make_inputs(dict(row, seq=n))]
-
-
-def kernel_rates(row: dict, block: int, repeats: int = 2) -> dict:
-    """Forward and backward FLOP/s of the CPU fused op on one full (non-causal) block."""
-    q, k, v, do = _block(row, block)
-    b, h, d = row["batch"], row["heads"], row["head_dim"]
-    scale = d**-0.5
-    out, lse = fused.cpu_forward(q, k, v, causal=False, scale=scale)
-    # CPU time, not wall: on a shared machine wall time also counts waiting for a core
-    t_fwd = least_cpu(lambda: fused.cpu_forward(q, k, v, causal=False, scale=scale), repeats)
-    t_bwd = least_cpu(
-        lambda: fused.cpu_backward(do, q, k, v, out, lse, causal=False, scale=scale), repeats
-    )
-    fwd_flops = 4.0 * b * h * block * block * d
-    bwd_flops = BWD_FLOPS_FACTOR * fwd_flops / t_bwd
-    return dict(
-        block=block, fwd_s=t_fwd, bwd_s=t_bwd, fwd_flops=fwd_flops / t_fwd, bwd_flops=bwd_flops
-    )
-
-
-def replay_rank(row: dict, rank: int, repeats: int = 1) -> dict:
-    """CPU seconds of exactly the kernel calls ``rank``'s schedule makes (fwd, bwd), without
-    communication, merges or accumulation: between the simulator (FLOP-proportional) and the
-    measured ring, so the error of each can be told apart."""
-    w, n = row["world"], row["seq"] // row["world"]
-    plan = ring_plan(row["layout"], row["causal"], rank, w, n)
-    q, k, v, do = _block(row, n)
+def _kernel_cpu_s(row: dict, n: int, works: list, repeats: int) -> tuple[float, float]:
+    """Least CPU seconds of the CPU fused op's forward, then backward, over ``works`` (each:
+    q rows, kv rows, causal, mask) on seeded q, k, v, dout of ``row``'s shape for ``n``
+    tokens, (b, h[_kv], n, d). CPU time, not wall: on a shared machine wall time also counts
+    waiting for a core."""
+    q, k, v, do = (t.transpose(1, 2).contiguous() for t in make_inputs(dict(row, seq=n)))
     scale = row["head_dim"] ** -0.5
-    works = [wk for step in plan for wk in step]
 
     def fwd() -> list:
         return [
@@ -69,7 +45,27 @@ def replay_rank(row: dict, rank: int, repeats: int = 1) -> dict:
             fused.cpu_backward(do[:, :, w.q], q[:, :, w.q], k[:, :, w.kv], v[:, :, w.kv], o, lse,
                                causal=w.causal, scale=scale, mask=w.mask)  # fmt: skip
 
-    t_fwd, t_bwd = least_cpu(fwd, repeats), least_cpu(bwd, repeats)
+    return least_cpu(fwd, repeats), least_cpu(bwd, repeats)
+
+
+def kernel_rates(row: dict, block: int, repeats: int = 2) -> dict:
+    """Forward and backward FLOP/s of the CPU fused op on one full (non-causal) block."""
+    full = SimpleNamespace(q=slice(None), kv=slice(None), causal=False, mask=None)
+    t_fwd, t_bwd = _kernel_cpu_s(row, block, [full], repeats)
+    fwd_flops = 4.0 * row["batch"] * row["heads"] * block * block * row["head_dim"]
+    bwd_flops = BWD_FLOPS_FACTOR * fwd_flops / t_bwd
+    return dict(
+        block=block, fwd_s=t_fwd, bwd_s=t_bwd, fwd_flops=fwd_flops / t_fwd, bwd_flops=bwd_flops
+    )
+
+
+def replay_rank(row: dict, rank: int, repeats: int = 1) -> dict:
+    """CPU seconds of exactly the kernel calls ``rank``'s schedule makes (fwd, bwd), without
+    communication, merges or accumulation: between the simulator (FLOP-proportional) and the
+    measured ring, so the error of each can be told apart."""
+    w, n = row["world"], row["seq"] // row["world"]
+    works = [wk for step in ring_plan(row["layout"], row["causal"], rank, w, n) for wk in step]
+    t_fwd, t_bwd = _kernel_cpu_s(row, n, works, repeats)
     return dict(fwd_cpu_s=t_fwd, bwd_cpu_s=t_bwd, fwdbwd_cpu_s=t_fwd + t_bwd)
 
 
