@@ -162,9 +162,7 @@ def main(argv: list[str]) -> int:
     p = h.parser("bench calibrate", __doc__, out="calibrate", repeats=2)
     h.problem_args(p, world=[2, 4, 8], seq=8192, many=("world",))
     p.add_argument("--link-repeats", type=h.positive, default=5)
-    args = h.parse(
-        p, argv, lambda a: [h.problem_of(a, world=w, seq=a.seq) for w in sorted(a.world)]
-    )
+    args = h.parse(p, argv, lambda a: [h.problem_of(a, world=w) for w in sorted(a.world)])
     rows = args.problems
     torch.set_num_threads(1)
     n_cores = output.cores()
