@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from ringattn.bench import calibrate, harness, layouts, memory, peers, rates, scaling
+from ringattn.bench import calibrate, harness, layouts, memory, output, peers, rates, scaling
 from ringattn.bench.cli import COMMANDS, bench_main
 from ringattn.bench.harness import problem
 from ringattn.bench.output import markdown_table, read_rows, write_rows
@@ -53,6 +53,16 @@ def test_markdown_table_formats_and_missing():
     assert lines[1] == "|---|---|---|"
     assert lines[2] == "| 1 | 0.12 | x1 |"
     assert lines[3] == "| 2 | - | x2 |"
+
+
+def test_column_units_and_lists():
+    """``:fmt/unit`` divides before formatting; a list prints its elements space-separated."""
+    cols = output.columns("f=GFLOP:.1f/1e9; t=s:.3f; b=MB:.1f/1048576")
+    rows = [dict(f=[1.5e9, 25e9], t=[0.25, 1.0], b=3 * 2**20), dict(f=2e9)]
+    lines = markdown_table(rows, cols).splitlines()
+    assert lines[0] == "| GFLOP | s | MB |"
+    assert lines[2] == "| 1.5 25.0 | 0.250 1.000 | 3.0 |"
+    assert lines[3] == "| 2.0 | - | - |"
 
 
 def test_json_lines_append_round_trip(tmp_path):

@@ -139,10 +139,9 @@ def parse(argv: list[str]):
     p.add_argument("--threads", type=h.positive, default=1, help="threads per rank and SDPA")
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--out", default=None, help="append JSON lines here (default: stdout)")
-    args = p.parse_args(argv)
-    if not rows_for(args):  # only hybrid, and no W it can run at
+    args = h.parse(p, argv, rows_for)
+    if not args.problems:  # only hybrid, and no W it can run at
         p.error("--strategy hybrid needs a 2-D mesh: --world 4, 6, 8, ... (even, >= 4)")
-    h.check_problems(p, rows_for(args))
     return args
 
 
@@ -160,6 +159,6 @@ def rows_for(args) -> list[dict]:
 def main(argv: list[str]) -> int:
     args = parse(argv)
     sink = output.row_sink(args.out)
-    results = measure(rows_for(args), args.repeats, args.threads, not args.no_reference, sink)
+    results = measure(args.problems, args.repeats, args.threads, not args.no_reference, sink)
     print(table(results), file=sys.stdout if args.out else sys.stderr)
     return 0

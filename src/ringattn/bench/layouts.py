@@ -44,9 +44,8 @@ def plot(rows: list[dict], path: str) -> None:
         xs = [x + (i - (len(rows) - 1) / 2) * width for x in range(w)]
         axes[0].bar(xs, [f / 1e9 for f in r["flops_fwdbwd_per_rank"]], width, label=r["layout"])
         axes[1].bar(xs, r["fwdbwd_cpu_per_rank"], width, label=r["layout"])
-    for ax, y in zip(
-        axes, ("GFLOP (fwd+bwd, from the schedule)", "CPU seconds (fwd+bwd, measured)")
-    ):
+    ylabels = ("GFLOP (fwd+bwd, from the schedule)", "CPU seconds (fwd+bwd, measured)")
+    for ax, y in zip(axes, ylabels):
         ax.set_xticks(range(w), [f"rank {r}" for r in range(w)])
         output.style(ax, "", y)
     r0 = rows[0]

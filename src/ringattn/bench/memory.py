@@ -128,28 +128,20 @@ def measure_rows(rank: int, world: int, rows: list[dict]) -> list[dict]:
     return out
 
 
-def planner_attention_mb(row: dict) -> float:
-    """The planner's ring working set for this shape: the paper's 6 blocks (q, k, v, out and
-    the incoming k, v; GQA shrinks k, v), ``b c (2 h + 4 h_kv) d`` elements."""
-    return _q_block_bytes(row) * (2 * row["heads"] + 4 * row["kv_heads"]) // row["heads"] / MB
-
-
-def _q_block_bytes(row: dict) -> int:
-    """Bytes of one rank's local q block (b, s/W, h, d): the unit of the memory tables."""
-    local = row["seq"] // row["world"]
-    return row["batch"] * local * row["heads"] * row["head_dim"] * h.DTYPE_BYTES[row["dtype"]]
-
-
 def summarize(row: dict, ranks: list[dict]) -> dict:
     peak = max(r["peak_live_mb"] for r in ranks)
     inputs = max(r["inputs_mb"] for r in ranks)
     growth = [r["rss_growth_mb"] for r in ranks if r["rss_growth_mb"] is not None]
-    planner = planner_attention_mb(row) if row["impl"] == "ring" else None
+    # bytes of one rank's local q block (b, s/W, h, d), the unit of the table; the planner
+    # counts the paper's 6 blocks for the ring (q, k, v, out and the incoming k, v; GQA
+    # shrinks k, v): b c (2 h + 4 h_kv) d elements
+    local = row["seq"] // row["world"]
+    q_block = row["batch"] * local * row["heads"] * row["head_dim"] * h.DTYPE_BYTES[row["dtype"]]
+    planner = q_block * (2 * row["heads"] + 4 * row["kv_heads"]) // row["heads"] / MB
     return dict(
-        row, kind="measure", local_seq=row["seq"] // row["world"], inputs_mb=inputs,
-        peak_extra_mb=peak, peak_total_mb=inputs + peak,
-        rss_growth_mb=max(growth) if growth else None, blocks=peak * MB / _q_block_bytes(row),
-        planner_attention_mb=planner,
+        row, kind="measure", local_seq=local, inputs_mb=inputs, peak_extra_mb=peak,
+        peak_total_mb=inputs + peak, rss_growth_mb=max(growth) if growth else None,
+        blocks=peak * MB / q_block, planner_attention_mb=planner if row["impl"] == "ring" else None,
     )  # fmt: skip
 
 

@@ -17,12 +17,7 @@ from ..schedule import ring_plan
 from .harness import make_inputs, timed
 
 
-def least_cpu(fn, repeats: int) -> float:
-    """Least CPU seconds of ``fn()`` over ``repeats`` calls after a warm-up."""
-    return timed(fn, repeats)[0]["cpu_s"]
-
-
-def _kernel_cpu_s(row: dict, n: int, works: list, repeats: int) -> tuple[float, float]:
+def _kernel_cpu_s(row: dict, n: int, works: list, repeats: int) -> tuple[float, ...]:
     """Least CPU seconds of the CPU fused op's forward, then backward, over ``works`` (each:
     q rows, kv rows, causal, mask) on seeded q, k, v, dout of ``row``'s shape for ``n``
     tokens, (b, h[_kv], n, d). CPU time, not wall: on a shared machine wall time also counts
@@ -45,7 +40,7 @@ def _kernel_cpu_s(row: dict, n: int, works: list, repeats: int) -> tuple[float, 
             fused.cpu_backward(do[:, :, w.q], q[:, :, w.q], k[:, :, w.kv], v[:, :, w.kv], o, lse,
                                causal=w.causal, scale=scale, mask=w.mask)  # fmt: skip
 
-    return least_cpu(fwd, repeats), least_cpu(bwd, repeats)
+    return tuple(timed(f, repeats)[0]["cpu_s"] for f in (fwd, bwd))  # least of each
 
 
 def kernel_rates(row: dict, block: int, repeats: int = 2) -> dict:
