@@ -6,13 +6,13 @@ per rank, communication wait and bytes, peak RSS; ``cpu_ratio`` = ring CPU / SDP
 from __future__ import annotations
 
 import itertools
-import resource
 import sys
 
 import torch
 
 from ..comm import count_comm
 from ..cp import STRATEGIES, context_parallel_attention
+from ..memstat import peak_rss_mib
 from ..ring import ring_attention
 from ..schedule import attention_flops
 from . import harness as h
@@ -54,7 +54,7 @@ def _time_row(row: dict, rank: int, world: int, repeats: int) -> dict:
                     bytes_fwd=c_fwd.total_bytes, bytes_fwdbwd=c_all.total_bytes)  # fmt: skip
 
     best = h.timed(run, repeats, key="fwdbwd_s")[0]
-    return dict(best, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return dict(best, peak_rss_mb=peak_rss_mib())
 
 
 def time_rows(rank: int, world: int, rows: list[dict], repeats: int) -> list[dict]:
