@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import torch
 
-from ..plan.hardware import calibrate_from
-from ..plan.simulate import simulate
+from ..plan.fit import core_share, fit_link, predict, rel_err
 from ..schedule import attention_flops
 from . import harness as h
 from . import output
 from .attention import summarize, time_rows
-from .rates import core_share, fit_link, kernel_rates, probe_share, replay_rank, time_exchanges
+from .rates import kernel_rates, probe_share, replay_rank, time_exchanges
 
 MSG_BYTES = (64, 1 << 20, 4 << 20, 16 << 20)  # per exchange: K and V, half each
 
@@ -28,35 +27,6 @@ def _launch(world: int, rows: list[dict], args) -> tuple[list[dict], tuple[float
     ranks = h.run_ranks(_rank, world, rows, args.link_repeats, args.repeats, here=False)
     link = [max(r["link_s"][i] for r in ranks) for i in range(len(MSG_BYTES))]
     return ranks, fit_link(list(MSG_BYTES), link)
-
-
-# --- the model ----------------------------------------------------------------------------
-
-
-def predict(row: dict, rates: dict, latency_s: float, link_bw: float, share: float) -> dict:
-    """Simulated fwd, bwd and busiest-rank compute (seconds) of one ring attention layer.
-
-    ``share`` scales kernel rates and link bandwidth (a rank's fraction of a core).
-    """
-    kw = {k: row[k] for k in ("layout", "causal", "batch", "heads", "kv_heads", "head_dim")}
-    kw.update(dtype_bytes=h.DTYPE_BYTES[row["dtype"]], acc_bytes=4, record=False)
-    w, s = row["world"], row["seq"]
-    # a calibrated Hardware that achieves ``rate`` on attention (memory plays no part in timing)
-    link = dict(link_bw=link_bw * share, latency_s=latency_s, mem_bytes=1e12)
-    hw = lambda rate: calibrate_from(dict(link, flops=rate, attn_flops=rate), base="cpu")
-    hw_f, hw_b = hw(rates["fwd_flops"] * share), hw(rates["bwd_flops"] * share)
-    fwd = simulate(w, s, hw_f, backward=False, **kw)
-    full_b = simulate(w, s, hw_b, backward=True, **kw)
-    fwd_b = simulate(w, s, hw_b, backward=False, **kw)  # to take the forward out of full_b
-    busy = [f + fb - ff for f, fb, ff in zip(fwd.busy_s, full_b.busy_s, fwd_b.busy_s)]
-    exposed = fwd.fwd_exposed_s + full_b.bwd_exposed_s
-    return dict(fwd_s=fwd.fwd_s, bwd_s=full_b.bwd_s, fwdbwd_s=fwd.fwd_s + full_b.bwd_s,
-                busy_max_s=max(busy), exposed_s=exposed)  # fmt: skip
-
-
-def rel_err(pred: float, meas: float) -> float:
-    """(predicted - measured) / measured: negative = the model is optimistic."""
-    return (pred - meas) / meas
 
 
 def calibration_rows(rows, measured, rates, p2p, n_cores, probes=None, replays=None):
@@ -74,7 +44,10 @@ def calibration_rows(rows, measured, rates, p2p, n_cores, probes=None, replays=N
         res, (ring_lat, ring_bw) = measured[w]
         r, probe = rates[w], (probes or {}).get(w)
         share, share_loaded = core_share(w, n_cores), core_share(w, n_cores, probe)
-        shared, loaded, own = (predict(row, r, lat, bw, x) for x in (share, share_loaded, 1.0))
+        nbytes = h.DTYPE_BYTES[row["dtype"]]
+        shared, loaded, own = (
+            predict(row, r, lat, bw, x, nbytes) for x in (share, share_loaded, 1.0)
+        )
         out.append(dict(
             row, block=row["seq"] // w, kernel_fwd_tflops=r["fwd_flops"] / 1e12,
             kernel_bwd_tflops=r["bwd_flops"] / 1e12, p2p_latency_s=lat, p2p_gbps=bw / 1e9,

@@ -5,97 +5,15 @@ linear fit and from the planner. Method and results: docs/benchmarks.md.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import weakref
-
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
+from ..memstat import MIB, measure_call, prepare_rss
 from ..model.config import PRESETS
+from ..plan.fit import fit_line
 from ..plan.hardware import HARDWARE
 from ..ring import ring_attention
 from . import harness as h
 from . import output
-
-MB = 2**20
-
-
-class LiveBytes(TorchDispatchMode):
-    """Tracks bytes of tensor storages created inside the mode: ``live`` now, ``peak`` max.
-
-    Each storage counts once, from the op that returns it until it is freed. Not seen:
-    scratch a fused kernel allocates inside C++ (the CPU flash kernel's tiles, under 1 MB).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-        self._sizes: dict[int, int] = {}  # storage data_ptr -> nbytes, while alive
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        # Views and in-place results alias an input: no new memory. (Their storage may also
-        # predate the mode, e.g. a view of an input, and must not be counted as new.)
-        inputs = {
-            t.untyped_storage().data_ptr()
-            for t in tree_leaves((args, kwargs))
-            if isinstance(t, torch.Tensor)
-        }
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
-                self._track(t)
-        return out
-
-    def _track(self, t: torch.Tensor) -> None:
-        st = t.untyped_storage()
-        key, n = st.data_ptr(), st.nbytes()
-        if n == 0 or key in self._sizes:  # views and in-place results share a storage
-            return
-        self._sizes[key] = n
-        self.live += n
-        self.peak = max(self.peak, self.live)
-        # storages keep their Python object while the C++ storage lives, so this fires
-        # when the memory is actually released
-        weakref.finalize(st, self._free, key, n)
-
-    def _free(self, key: int, n: int) -> None:
-        if self._sizes.pop(key, None) is not None:
-            self.live -= n
-
-
-def _proc_status_mb(field: str) -> float | None:
-    with contextlib.suppress(OSError), open("/proc/self/status") as f:
-        return next((int(ln.split()[1]) / 1024 for ln in f if ln.startswith(field + ":")), None)
-    return None
-
-
-def prepare_rss() -> bool:
-    """mmap every allocation above 64 KiB (glibc) so RSS follows live memory; False if the
-    platform cannot (then RSS growth is reported as None)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ok = ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
-        return bool(ok) and _proc_status_mb("VmHWM") is not None
-    return False
-
-
-def _reset_hwm() -> bool:
-    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
-        return True
-    return False
-
-
-def measure_call(fn, rss: bool) -> dict:
-    """Run ``fn()`` once; peak extra live tensor bytes and peak RSS growth (MB or None):
-    the peak RSS is reset before the call, growth = VmHWM after - VmRSS before."""
-    before = _proc_status_mb("VmRSS") if rss and _reset_hwm() else None
-    with LiveBytes() as live:
-        fn()
-    growth = None if before is None else _proc_status_mb("VmHWM") - before
-    return dict(peak_live_mb=live.peak / MB, rss_growth_mb=growth)
 
 
 def _call(row: dict, rank: int, world: int):
@@ -108,7 +26,7 @@ def _call(row: dict, rank: int, world: int):
     else:
         q, k, v, do = h.local_inputs(row, rank, world, grad=True)
         attn = lambda: ring_attention(q, k, v, causal=row["causal"], layout=row["layout"])
-    inputs_mb = sum(t.numel() * t.element_size() for t in (q, k, v, do)) / MB
+    inputs_mb = sum(t.numel() * t.element_size() for t in (q, k, v, do)) / MIB
     return lambda: attn().backward(do), inputs_mb
 
 
@@ -137,23 +55,13 @@ def summarize(row: dict, ranks: list[dict]) -> dict:
     # shrinks k, v): b c (2 h + 4 h_kv) d elements
     local = row["seq"] // row["world"]
     q_block = row["batch"] * local * row["heads"] * row["head_dim"] * h.DTYPE_BYTES[row["dtype"]]
-    planner = q_block * (2 * row["heads"] + 4 * row["kv_heads"]) // row["heads"] / MB
+    planner = q_block * (2 * row["heads"] + 4 * row["kv_heads"]) // row["heads"] / MIB
     return dict(
         row, kind="measure", local_seq=local, inputs_mb=inputs, peak_extra_mb=peak,
         peak_total_mb=inputs + peak, rss_growth_mb=max(growth) if growth else None,
-        blocks=peak * MB / q_block, planner_attention_mb=planner if row["impl"] == "ring" else None,
+        blocks=peak * MIB / q_block,
+        planner_attention_mb=planner if row["impl"] == "ring" else None,
     )  # fmt: skip
-
-
-def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """Least-squares ``y = a x + b``; one point gives the line through the origin."""
-    n = len(xs)
-    if n == 1:
-        return ys[0] / xs[0], 0.0
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    a = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-    return a, my - a * mx
 
 
 def _linearity(rows: list[dict]) -> list[dict]:
@@ -207,8 +115,8 @@ def planner_rows(model: str, hardware: str, worlds: list[int], mem_mb: float | N
     from ..plan.hardware import get_hardware
 
     cfg = get_preset(model)
-    hw = get_hardware(hardware, mem_bytes=mem_mb * MB if mem_mb else None)
-    budget = hw.mem_bytes / MB
+    hw = get_hardware(hardware, mem_bytes=mem_mb * MIB if mem_mb else None)
+    budget = hw.mem_bytes / MIB
     src = f"planner: {model}, {budget:,.0f} MB/rank"
     return _linearity([
         dict(kind="max_context", source=src, impl="ring", world=w, budget_mb=budget,

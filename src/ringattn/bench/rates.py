@@ -1,6 +1,6 @@
 """What ``ringattn bench calibrate`` measures on this machine, as plain functions: kernel rates
 on one block, the exact kernel calls of a rank's schedule replayed without the ring, ring
-exchange times and the latency/bandwidth fit, and how much of a core a rank gets.
+exchange times, and how much of a core a rank gets.
 """
 
 from __future__ import annotations
@@ -83,19 +83,6 @@ def time_exchanges(sizes: tuple[int, ...], repeats: int, barrier) -> list[float]
     return out
 
 
-def fit_link(sizes: list[float], times: list[float]) -> tuple[float, float]:
-    """(latency_s, bytes/s) of ``t = latency + bytes / bandwidth``: latency is the smallest
-    message's time (a fitted intercept can go negative), the bandwidth the least-squares
-    slope of the larger ones with it held fixed."""
-    pts = sorted(zip(sizes, times))
-    lat = pts[0][1]
-    rest = pts[1:] or pts
-    num = sum(x * (y - lat) for x, y in rest)
-    den = sum(x * x for x, _ in rest)
-    slope = num / den if den > 0 else 0.0
-    return lat, 1.0 / max(slope, 1e-18)
-
-
 def probe_share(seconds: float = 0.3) -> float:
     """Fraction of a core one process gets now (CPU / wall time of a busy loop; 1.0: idle)."""
     a = torch.randn(128, 128)
@@ -103,11 +90,3 @@ def probe_share(seconds: float = 0.3) -> float:
     while time.perf_counter() - t0 < seconds:
         a = torch.tanh(a @ a)
     return min(1.0, (time.process_time() - c0) / (time.perf_counter() - t0))
-
-
-def core_share(world: int, n_cores: int, probe: float | None = None) -> float:
-    """A rank's fraction of a core, ``world`` ranks on ``n_cores`` cores: ``min(1, cores / W)``
-    idle; with a probe p < 1, ``cores / p - 1`` other processes share the cores too."""
-    # p >= 0.98 cannot tell 0 from cores - 1 other processes: read it as an idle machine
-    background = 0.0 if probe is None or probe >= 0.98 else n_cores / max(probe, 1e-3) - 1.0
-    return min(1.0, n_cores / (world + background))
