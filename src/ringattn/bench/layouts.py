@@ -5,15 +5,10 @@ The slowest rank sets the pace: read max/min and max/mean. See docs/benchmarks.m
 
 from __future__ import annotations
 
+from ..schedule import balance
 from . import harness as h
 from . import output
 from .attention import measure
-
-
-def balance(values: list[float]) -> dict:
-    """max/min and max/mean of per-rank values (inf when a rank has none)."""
-    lo, hi, mean = min(values), max(values), sum(values) / len(values)
-    return dict(max_over_min=hi / lo if lo > 0 else float("inf"), max_over_mean=hi / mean)
 
 
 def layout_rows(results: list[dict]) -> list[dict]:

@@ -28,6 +28,7 @@ import torch
 from ..balance import MIN_DOC, lognormal_pack, packed_runs
 from ..kernels import fused
 from ..mask_plan import mask_flops, plan_flops, ring_mask_plan
+from ..schedule import balance
 from . import harness as h
 from . import output
 
@@ -35,7 +36,7 @@ LAYOUTS = ("contiguous", "zigzag", "striped", "packed")
 
 
 def _ratio(xs) -> float:
-    return max(xs) / min(xs) if min(xs) > 0 else float("inf")
+    return balance(xs)["max_over_min"]
 
 
 def flops_rows(seqs, worlds, seeds, *, median=1024.0, sigma=1.5, heads=8, head_dim=64):
