@@ -142,14 +142,13 @@ def report(rows: list[dict], args, tables: Sequence, notes="", plot=None, **fmt)
 
 
 def figure(ncols: int, figsize: tuple[float, float]):
-    """A figure with ``ncols`` subplots side by side: (fig, axes), one ``ax`` for 1. matplotlib
-    is imported only when plotting, with the file-only Agg backend."""
-    import matplotlib
+    """A figure with ``ncols`` subplots side by side: (fig, axes), one ``ax`` for 1. A bare
+    matplotlib ``Figure`` (as ``plan.simulate.to_png``): no pyplot state, nothing to close;
+    matplotlib is imported only when plotting."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(1, ncols, figsize=figsize)
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(1, ncols)
 
 
 def style(ax, xlabel: str, ylabel: str, title=None, logx=None, logy=None, ticks=None, legend=8):
@@ -180,7 +179,4 @@ def save(fig, path: str, rows: Sequence[dict], title: str | None = None) -> None
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt  # (set up by ``figure``)
-
-    plt.close(fig)
     print(f"wrote {path}", file=sys.stderr)
