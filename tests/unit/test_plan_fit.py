@@ -66,3 +66,13 @@ def test_core_share():
 def test_fit_line():
     assert fit.fit_line([1.0, 2.0, 3.0], [3.0, 5.0, 7.0]) == pytest.approx((2.0, 1.0))
     assert fit.fit_line([2.0], [4.0]) == (2.0, 0.0)
+
+
+def test_fit_budget_solves_on_the_step_grid():
+    xs, ys = [1024.0, 2048.0, 4096.0], [10 + 0.01 * x for x in (1024, 2048, 4096)]
+    a, b, x = fit.fit_budget(xs, ys, budget=50.0, step=64)
+    assert (a, b) == pytest.approx((0.01, 10.0))
+    assert x == 3968  # (50 - 10) / 0.01 = 4000, down to a multiple of 64
+    assert fit.fit_budget(xs, ys, budget=40.96 + 10, step=1024)[2] == 4096  # exact: kept
+    assert fit.fit_budget(xs, [5.0, 5.0, 5.0], budget=50.0, step=64)[2] == 0  # flat: no solve
+    assert fit.fit_budget(xs, ys, budget=5.0, step=64)[2] == 0  # under the intercept

@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch
 
 from ..memstat import MIB, measure_call, prepare_rss
-from ..model.config import PRESETS
-from ..plan.fit import fit_line
-from ..plan.hardware import HARDWARE
+from ..model.config import PRESETS, get_preset
+from ..plan.cost import attention_elems, max_context
+from ..plan.fit import fit_budget
+from ..plan.hardware import HARDWARE, get_hardware
 from ..ring import ring_attention
 from . import harness as h
 from . import output
@@ -50,12 +51,12 @@ def summarize(row: dict, ranks: list[dict]) -> dict:
     peak = max(r["peak_live_mb"] for r in ranks)
     inputs = max(r["inputs_mb"] for r in ranks)
     growth = [r["rss_growth_mb"] for r in ranks if r["rss_growth_mb"] is not None]
-    # bytes of one rank's local q block (b, s/W, h, d), the unit of the table; the planner
-    # counts the paper's 6 blocks for the ring (q, k, v, out and the incoming k, v; GQA
-    # shrinks k, v): b c (2 h + 4 h_kv) d elements
-    local = row["seq"] // row["world"]
-    q_block = row["batch"] * local * row["heads"] * row["head_dim"] * h.DTYPE_BYTES[row["dtype"]]
-    planner = q_block * (2 * row["heads"] + 4 * row["kv_heads"]) // row["heads"] / MIB
+    # bytes of one rank's local q block (b, s/W, h, d), the unit of the table, and what the
+    # planner counts for the ring's attention (the paper's 6 blocks)
+    local, d, nbytes = row["seq"] // row["world"], row["head_dim"], h.DTYPE_BYTES[row["dtype"]]
+    q_block = row["batch"] * local * row["heads"] * d * nbytes
+    dims = (row["batch"], local, row["seq"], row["heads"] * d, row["kv_heads"] * d)
+    planner = attention_elems("ring", *dims) * nbytes / MIB
     return dict(
         row, kind="measure", local_seq=local, inputs_mb=inputs, peak_extra_mb=peak,
         peak_total_mb=inputs + peak, rss_growth_mb=max(growth) if growth else None,
@@ -93,14 +94,12 @@ def max_context_rows(rows: list[dict], budget_mb: float, align: int = 1) -> list
     for (impl, w), mine in sorted(
         _series(rows, "measure", lambda r: (r["impl"], r["world"])).items()
     ):
-        a, b = fit_line([r["seq"] for r in mine], [r["peak_total_mb"] for r in mine])
-        step = align * w
-        # (+1e-6: a solution on an exact multiple must not round down to the one below)
-        seq = int((budget_mb - b) / a + 1e-6) // step * step if a > 0 else 0
+        seqs, peaks = [r["seq"] for r in mine], [r["peak_total_mb"] for r in mine]
+        a, b, seq = fit_budget(seqs, peaks, budget_mb, step=align * w)
         source = "measured fit" if impl == "ring" else "measured fit (SDPA)"
         out.append(dict(kind="max_context", source=source, impl=impl, world=w,
                         budget_mb=budget_mb, mb_per_1k_tokens=a * 1024, intercept_mb=b,
-                        max_seq=max(seq, 0)))  # fmt: skip
+                        max_seq=seq))  # fmt: skip
     ring = [r for r in out if r["impl"] == "ring"]
     _linearity([r for r in ring if r["world"] > 1])
     # the one-rank ring first, then the ring over W > 1, then SDPA
@@ -110,10 +109,6 @@ def max_context_rows(rows: list[dict], budget_mb: float, align: int = 1) -> list
 def planner_rows(model: str, hardware: str, worlds: list[int], mem_mb: float | None) -> list[dict]:
     """The planner's longest context (full training memory: states, activations, attention,
     logits) for a model preset at cp = W, with the device memory overridden to ``mem_mb``."""
-    from ..model.config import get_preset
-    from ..plan.cost import max_context
-    from ..plan.hardware import get_hardware
-
     cfg = get_preset(model)
     hw = get_hardware(hardware, mem_bytes=mem_mb * MIB if mem_mb else None)
     budget = hw.mem_bytes / MIB

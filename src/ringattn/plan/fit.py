@@ -9,7 +9,7 @@ from __future__ import annotations
 from ringattn.plan.hardware import calibrate_from
 from ringattn.plan.simulate import simulate
 
-__all__ = ["core_share", "fit_line", "fit_link", "predict", "rel_err"]
+__all__ = ["core_share", "fit_budget", "fit_line", "fit_link", "predict", "rel_err"]
 
 
 def fit_link(sizes: list[float], times: list[float]) -> tuple[float, float]:
@@ -34,6 +34,15 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     sxx = sum((x - mx) ** 2 for x in xs)
     a = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
     return a, my - a * mx
+
+
+def fit_budget(xs: list[float], ys: list[float], budget: float, step: int):
+    """(a, b, x_max): the :func:`fit_line` ``y = a x + b`` and the largest multiple of ``step``
+    whose fitted y stays within ``budget`` (0 if none, or if y does not grow with x)."""
+    a, b = fit_line(xs, ys)
+    # (+1e-6: a solution on an exact multiple must not round down to the one below)
+    x = int((budget - b) / a + 1e-6) // step * step if a > 0 else 0
+    return a, b, max(x, 0)
 
 
 def core_share(world: int, n_cores: int, probe: float | None = None) -> float:
