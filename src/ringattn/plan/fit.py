@@ -62,7 +62,7 @@ def predict(
     ``row``: the problem (world, seq, layout, causal, batch, heads, kv_heads, head_dim);
     ``rates``: measured ``fwd_flops`` and ``bwd_flops`` of the kernel (FLOP/s, backward
     counted as the simulator counts it); ``share`` scales kernel rates and link bandwidth (a
-    rank's fraction of a core).
+    rank's fraction of a core); ``dtype_bytes`` per element of the K, V blocks sent.
     """
     kw = {k: row[k] for k in ("layout", "causal", "batch", "heads", "kv_heads", "head_dim")}
     kw.update(dtype_bytes=dtype_bytes, acc_bytes=4, record=False)
