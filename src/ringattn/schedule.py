@@ -108,3 +108,10 @@ def attention_flops(
         )
         for r in range(world_size)
     ]
+
+
+def balance(per_rank: list[float]) -> dict:
+    """How uneven per-rank work or time is: ``max_over_min`` (inf when a rank has none) and
+    ``max_over_mean``; the slowest rank sets a ring's pace, so 1.0 is perfect balance."""
+    lo, hi, mean = min(per_rank), max(per_rank), sum(per_rank) / len(per_rank)
+    return dict(max_over_min=hi / lo if lo > 0 else float("inf"), max_over_mean=hi / mean)

@@ -7,7 +7,7 @@ import torch
 
 from ringattn import attention_flops
 from ringattn.layouts import LAYOUTS, local_indices
-from ringattn.schedule import ring_plan, ring_src, ring_work
+from ringattn.schedule import balance, ring_plan, ring_src, ring_work
 
 
 def brute_pairs(layout, world, seq, causal):
@@ -85,3 +85,12 @@ def test_total_causal_flops_match_half_square():
     seq, world = 1024, 4
     total = sum(attention_flops("zigzag", world, seq, True, heads=2, head_dim=8))
     assert total == 4 * 2 * 8 * seq * (seq + 1) // 2
+
+
+def test_balance_ratios():
+    assert balance([1.0, 2.0, 3.0]) == dict(max_over_min=3.0, max_over_mean=1.5)
+    assert balance([0, 4])["max_over_min"] == float("inf")  # a rank with no work
+    # zigzag balances causal work exactly: every rank the same FLOPs
+    assert balance(attention_flops("zigzag", 4, 64, True)) == dict(
+        max_over_min=1.0, max_over_mean=1.0
+    )

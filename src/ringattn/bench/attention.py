@@ -6,17 +6,20 @@ per rank, communication wait and bytes, peak RSS; ``cpu_ratio`` = ring CPU / SDP
 from __future__ import annotations
 
 import itertools
-import resource
 import sys
 
 import torch
 
 from ..comm import count_comm
 from ..cp import STRATEGIES, context_parallel_attention
+from ..memstat import peak_rss_mib
 from ..ring import ring_attention
 from ..schedule import attention_flops
 from . import harness as h
 from . import output
+
+# what the single-process SDPA reference depends on
+GLOBAL_PROBLEM = ("seq", "causal", "dtype", "batch", "heads", "kv_heads", "head_dim")
 
 
 def _attend(row: dict, world: int):
@@ -51,7 +54,7 @@ def _time_row(row: dict, rank: int, world: int, repeats: int) -> dict:
                     bytes_fwd=c_fwd.total_bytes, bytes_fwdbwd=c_all.total_bytes)  # fmt: skip
 
     best = h.timed(run, repeats, key="fwdbwd_s")[0]
-    return dict(best, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return dict(best, peak_rss_mb=peak_rss_mib())
 
 
 def time_rows(rank: int, world: int, rows: list[dict], repeats: int) -> list[dict]:
@@ -65,13 +68,16 @@ def measure(rows: list[dict], repeats=1, threads=1, reference=True, on_row=None)
     global problem, timed once per problem in this process. Returns summarized rows in
     launch order; ``on_row(row)`` sees each as soon as it is ready."""
     torch.set_num_threads(threads)
-    ref = h.ReferenceCache(repeats) if reference else None
+    refs: dict = {}  # the global problem -> its SDPA timings, so sweeps over W time it once
     results = []
     for w in sorted({r["world"] for r in rows}):
         mine = [r for r in rows if r["world"] == w]
         ranks = h.run_ranks(time_rows, w, mine, repeats, threads=threads)
         for i, row in enumerate(mine):
-            results.append(summarize(row, [r[i] for r in ranks], ref(row) if ref else None))
+            key = tuple(row[k] for k in GLOBAL_PROBLEM)
+            if reference and key not in refs:
+                refs[key] = h.sdpa_reference(row, repeats)
+            results.append(summarize(row, [r[i] for r in ranks], refs.get(key)))
             if on_row is not None:
                 on_row(results[-1])
     return results
@@ -86,9 +92,8 @@ def summarize(row: dict, ranks: list[dict], ref: dict | None) -> dict:
     # wall times, waits, bytes and RSS: the slowest rank's; CPU time: the sum over ranks
     res = dict(
         row,
-        **{k: max(per[k]) for k in ("fwd_s", "fwdbwd_s")},
+        **{k: max(per[k]) for k in ("fwd_s", "fwdbwd_s", "wait_fwd_s", "wait_fwdbwd_s")},
         **{k: sum(per[k]) for k in ("fwd_cpu_s", "fwdbwd_cpu_s")},
-        **{k: max(per[k]) for k in ("wait_fwd_s", "wait_fwdbwd_s")},
         **{f"bytes_sent_{k}": max(per[f"bytes_{k}"]) for k in ("fwd", "fwdbwd")},
         peak_rss_mb=max(per["peak_rss_mb"]),
         flops_fwd_max_over_min=max(flops) / max(min(flops), 1),
@@ -112,17 +117,11 @@ def summarize(row: dict, ranks: list[dict], ref: dict | None) -> dict:
     return res
 
 
-def _mb(r: dict) -> str:
-    v = r.get("bytes_sent_fwdbwd")
-    return "-" if v is None else f"{v / 2**20:.1f}"
-
-
 COLUMNS = output.columns(
     "world=W; strategy=strategy; layout=layout; causal=causal; dtype=dtype; seq=seq; "
     "fwd_s=fwd s:.3f; fwdbwd_s=f+b s:.3f; tflops_fwdbwd_per_rank=TF/s/rank:.3f; "
-    "wait_fwdbwd_s=wait s:.3f; bytes_sent_fwdbwd=MB sent; peak_rss_mb=RSS MB:.0f; "
+    "wait_fwdbwd_s=wait s:.3f; bytes_sent_fwdbwd=MB sent:.1f/1048576; peak_rss_mb=RSS MB:.0f; "
     "sdpa_fwdbwd_cpu_s=sdpa cpu s:.3f; cpu_ratio_fwdbwd=cpu ratio:.2f",
-    bytes_sent_fwdbwd=_mb,
 )
 
 
@@ -131,20 +130,18 @@ def table(rows: list[dict]) -> str:
 
 
 def parse(argv: list[str]):
-    p = h.parser("bench attention", __doc__)
+    p = h.parser("bench attention", __doc__, repeats=1)
     h.problem_args(p, world=[2, 4], seq=[4096], many=("world", "seq", "layout", "dtype"),
                    dtypes=list(h.DTYPES), extra=("kv_heads", "kernel", "batch"))  # fmt: skip
     p.set_defaults(layout=["zigzag"])
     p.add_argument("--strategy", nargs="+", default=["ring"], choices=[*STRATEGIES, "all"])
     p.add_argument("--causal", choices=["yes", "no", "both"], default="yes")
-    p.add_argument("--repeats", type=h.positive, default=1, help="timed runs after a warm-up")
     p.add_argument("--threads", type=h.positive, default=1, help="threads per rank and SDPA")
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--out", default=None, help="append JSON lines here (default: stdout)")
-    args = p.parse_args(argv)
-    if not rows_for(args):  # only hybrid, and no W it can run at
+    args = h.parse(p, argv, rows_for)
+    if not args.problems:  # only hybrid, and no W it can run at
         p.error("--strategy hybrid needs a 2-D mesh: --world 4, 6, 8, ... (even, >= 4)")
-    h.check_problems(p, rows_for(args))
     return args
 
 
@@ -162,6 +159,6 @@ def rows_for(args) -> list[dict]:
 def main(argv: list[str]) -> int:
     args = parse(argv)
     sink = output.row_sink(args.out)
-    results = measure(rows_for(args), args.repeats, args.threads, not args.no_reference, sink)
+    results = measure(args.problems, args.repeats, args.threads, not args.no_reference, sink)
     print(table(results), file=sys.stdout if args.out else sys.stderr)
     return 0

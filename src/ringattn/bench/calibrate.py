@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import torch
 
-from ..plan.hardware import calibrate_from
-from ..plan.simulate import simulate
+from ..plan.fit import core_share, fit_link, predict, rel_err
 from ..schedule import attention_flops
 from . import harness as h
 from . import output
 from .attention import summarize, time_rows
-from .rates import core_share, fit_link, kernel_rates, probe_share, replay_rank, time_exchanges
+from .rates import kernel_rates, probe_share, replay_rank, time_exchanges
 
 MSG_BYTES = (64, 1 << 20, 4 << 20, 16 << 20)  # per exchange: K and V, half each
 
@@ -28,40 +27,6 @@ def _launch(world: int, rows: list[dict], args) -> tuple[list[dict], tuple[float
     ranks = h.run_ranks(_rank, world, rows, args.link_repeats, args.repeats, here=False)
     link = [max(r["link_s"][i] for r in ranks) for i in range(len(MSG_BYTES))]
     return ranks, fit_link(list(MSG_BYTES), link)
-
-
-# --- the model ----------------------------------------------------------------------------
-
-
-def _hardware(rate: float, link_bw: float, latency_s: float):
-    """A calibrated Hardware whose achieved attention rate is ``rate`` (efficiency 1)."""
-    # memory plays no part in timing
-    m = dict(flops=rate, attn_flops=rate, link_bw=link_bw, latency_s=latency_s, mem_bytes=1e12)
-    return calibrate_from(m, base="cpu")
-
-
-def predict(row: dict, rates: dict, latency_s: float, link_bw: float, share: float) -> dict:
-    """Simulated fwd, bwd and busiest-rank compute (seconds) of one ring attention layer.
-
-    ``share`` scales kernel rates and link bandwidth (a rank's fraction of a core).
-    """
-    kw = {k: row[k] for k in ("layout", "causal", "batch", "heads", "kv_heads", "head_dim")}
-    kw.update(dtype_bytes=h.DTYPE_BYTES[row["dtype"]], acc_bytes=4, record=False)
-    w, s = row["world"], row["seq"]
-    hw_f = _hardware(rates["fwd_flops"] * share, link_bw * share, latency_s)
-    hw_b = _hardware(rates["bwd_flops"] * share, link_bw * share, latency_s)
-    fwd = simulate(w, s, hw_f, backward=False, **kw)
-    full_b = simulate(w, s, hw_b, backward=True, **kw)
-    fwd_b = simulate(w, s, hw_b, backward=False, **kw)  # to take the forward out of full_b
-    busy = [f + fb - ff for f, fb, ff in zip(fwd.busy_s, full_b.busy_s, fwd_b.busy_s)]
-    exposed = fwd.fwd_exposed_s + full_b.bwd_exposed_s
-    return dict(fwd_s=fwd.fwd_s, bwd_s=full_b.bwd_s, fwdbwd_s=fwd.fwd_s + full_b.bwd_s,
-                busy_max_s=max(busy), exposed_s=exposed)  # fmt: skip
-
-
-def rel_err(pred: float, meas: float) -> float:
-    """(predicted - measured) / measured: negative = the model is optimistic."""
-    return (pred - meas) / meas
 
 
 def calibration_rows(rows, measured, rates, p2p, n_cores, probes=None, replays=None):
@@ -79,7 +44,10 @@ def calibration_rows(rows, measured, rates, p2p, n_cores, probes=None, replays=N
         res, (ring_lat, ring_bw) = measured[w]
         r, probe = rates[w], (probes or {}).get(w)
         share, share_loaded = core_share(w, n_cores), core_share(w, n_cores, probe)
-        shared, loaded, own = (predict(row, r, lat, bw, x) for x in (share, share_loaded, 1.0))
+        nbytes = h.DTYPE_BYTES[row["dtype"]]
+        shared, loaded, own = (
+            predict(row, r, lat, bw, x, nbytes) for x in (share, share_loaded, 1.0)
+        )
         out.append(dict(
             row, block=row["seq"] // w, kernel_fwd_tflops=r["fwd_flops"] / 1e12,
             kernel_bwd_tflops=r["bwd_flops"] / 1e12, p2p_latency_s=lat, p2p_gbps=bw / 1e9,
@@ -107,18 +75,12 @@ def calibration_rows(rows, measured, rates, p2p, n_cores, probes=None, replays=N
 # --- output -------------------------------------------------------------------------------
 
 
-def _ms(key: str):
-    return lambda r: f"{r[key] * 1e3:.3f}"
-
-
 INPUT_COLUMNS = output.columns(
     "world=W; block=block c; kernel_fwd_tflops=kernel fwd TF/s:.3f; "
     "kernel_bwd_tflops=kernel bwd TF/s:.3f; p2p_gbps=P2P GB/s (2 ranks):.2f; "
-    "p2p_latency_s=P2P latency ms; ring_gbps=ring GB/s (W ranks):.2f; "
-    "ring_latency_s=ring latency ms; share=core share (idle):.2f; probe=probe:.2f; "
+    "p2p_latency_s=P2P latency ms:.3f/1e-3; ring_gbps=ring GB/s (W ranks):.2f; "
+    "ring_latency_s=ring latency ms:.3f/1e-3; share=core share (idle):.2f; probe=probe:.2f; "
     "share_loaded=core share (load-aware):.2f",
-    p2p_latency_s=_ms("p2p_latency_s"),
-    ring_latency_s=_ms("ring_latency_s"),
 )
 
 COLUMNS = output.columns(
@@ -138,39 +100,30 @@ SPLIT_COLUMNS = output.columns(
 )
 
 NOTES = (
-    "Causal {layout}, {dtype}, {heads} heads x {head_dim}, seq {seq}. pred: the simulator fed "
-    "with the "
-    "rates above, kernel rates and link bandwidth x a rank's core share. Idle: share = "
-    "min(1, {cores}/W). Load-aware: a busy-loop probe just before the launch measured the "
-    "fraction p of a core one process got; {cores}/p - 1 other processes are assumed to share "
-    "the cores with the W ranks. Both vs the measured wall time of the slowest rank (best of "
-    "{repeats}). Own core: the simulator's compute-only busy time of the busiest rank (share "
-    "1) vs that rank's CPU time. err = (pred - meas) / meas; negative = model optimistic. "
-    "Last table: the busiest rank's kernel calls replayed in one process without the ring "
-    "(CPU time): simulator vs replay = the FLOP-proportional kernel model's error (half and "
-    "causal blocks run at other rates than a full block); ring overhead = what the ring adds "
-    "on top of its kernels (LSE merges, gradient accumulation, gloo's copies)."
+    "Causal {layout}, {dtype}, {heads} heads x {head_dim}, seq {seq}, W ranks on {cores} cores, "
+    "best of {repeats}; err = (pred - meas) / meas, negative = the model is optimistic. "
+    "Method and columns: docs/benchmarks.md#simulator-vs-measured-calibration."
 )
 
 
 def plot(rows: list[dict], path: str) -> None:
     fig, axes = output.figure(2, figsize=(10, 4))
     w = [r["world"] for r in rows]
+    # (prediction, measurement, its error, title, model, a third line if measured)
     panels = (
-        ("pred_fwdbwd_s", "meas_fwdbwd_s", "wall time, W ranks on shared cores", "idle machine"),
-        ("pred_busy_own_core_s", "meas_cpu_max_s", "busiest rank, own core (CPU time)", "own core"),
-    )
-    for ax, (p, m, title, model) in zip(axes, panels):
+        ("pred_fwdbwd_s", "meas_fwdbwd_s", "err_fwdbwd", "wall time, W ranks on shared cores",
+         "idle machine", ("pred_fwdbwd_loaded_s", ":^", "simulator, load-aware")),
+        ("pred_busy_own_core_s", "meas_cpu_max_s", "err_own_core", "busiest rank, own core (CPU "
+         "time)", "own core", ("replay_cpu_s", ":x", "its kernel calls, replayed")),
+    )  # fmt: skip
+    for ax, (p, m, err, title, model, (extra, fmt, label)) in zip(axes, panels):
         ax.plot(w, [r[m] for r in rows], "-o", label="measured")
         ax.plot(w, [r[p] for r in rows], "--s", label=f"simulator ({model})")
-        extra = ("pred_fwdbwd_loaded_s", ":^", "simulator, load-aware")
-        if model == "own core":
-            extra = ("replay_cpu_s", ":x", "its kernel calls, replayed")
-        if rows[0].get(extra[0]) is not None:
-            ax.plot(w, [r[extra[0]] for r in rows], extra[1], label=extra[2])
+        if rows[0].get(extra) is not None:
+            ax.plot(w, [r[extra] for r in rows], fmt, label=label)
         for x, r in zip(w, rows):
-            err = f"{(r[p] - r[m]) / r[m]:+.0%}"
-            ax.annotate(err, (x, r[p]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+            ax.annotate(f"{r[err]:+.0%}", (x, r[p]), fontsize=7, xytext=(4, 4),
+                        textcoords="offset points")  # fmt: skip
         ax.set_ylim(bottom=0)
         output.style(ax, "W", "fwd+bwd seconds", title, logx=2, ticks=w)
     r0 = rows[0]
@@ -182,13 +135,10 @@ def main(argv: list[str]) -> int:
     p = h.parser("bench calibrate", __doc__, out="calibrate", repeats=2)
     h.problem_args(p, world=[2, 4, 8], seq=8192, many=("world",))
     p.add_argument("--link-repeats", type=h.positive, default=5)
-    p.add_argument("--cores", type=h.positive, default=None, help="default: this process's")
-    args = h.parse(
-        p, argv, lambda a: [h.problem_of(a, world=w, seq=a.seq) for w in sorted(a.world)]
-    )
+    args = h.parse(p, argv, lambda a: [h.problem_of(a, world=w) for w in sorted(a.world)])
     rows = args.problems
     torch.set_num_threads(1)
-    n_cores = args.cores or output.cores()
+    n_cores = output.cores()
     rates = {r["world"]: kernel_rates(r, r["seq"] // r["world"]) for r in rows}
     replays, probes, measured = {}, {}, {}
     for row in rows:

@@ -9,18 +9,14 @@ memory (process peak RSS and its growth during attention) and the max errors.
 from __future__ import annotations
 
 import json
-import resource
 import time
 
 import torch
 
+from ..memstat import peak_rss_mib
 from ..ring import ring_attention
 from . import harness as h
 from . import output
-
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _rank(rank: int, world: int, row: dict) -> dict:
@@ -28,14 +24,14 @@ def _rank(rank: int, world: int, row: dict) -> dict:
     # a tiny call first: gloo connects each pair of ranks lazily on its first transfer
     tiny = torch.randn(1, 2, row["heads"], row["head_dim"], requires_grad=True)
     ring_attention(tiny, tiny, tiny, causal=True, layout=row["layout"]).sum().backward()
-    base = _rss_mb()
+    base = peak_rss_mib()
     t0 = time.perf_counter()
     out = ring_attention(q, k, v, causal=True, layout=row["layout"])
     t_fwd = time.perf_counter() - t0
     out.backward(do)
     t_all = time.perf_counter() - t0
     return dict(out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad, fwd_s=t_fwd, fwdbwd_s=t_all,
-                peak_rss_mb=_rss_mb(), attn_rss_growth_mb=_rss_mb() - base)  # fmt: skip
+                peak_rss_mb=peak_rss_mib(), attn_rss_growth_mb=peak_rss_mib() - base)  # fmt: skip
 
 
 def parse(argv: list[str]):
@@ -63,7 +59,7 @@ def main(argv: list[str]) -> int:
     ranks = h.run_ranks(_rank, a.world, row, here=False)
     wall = time.perf_counter() - t0
     inputs = h.make_inputs(row)
-    base = _rss_mb()
+    base = peak_rss_mib()
     ref = h.sdpa_grads(row, inputs)
     errs = h.max_errors(ref, ranks, a.layout, a.world)
     summary = dict(
@@ -72,23 +68,18 @@ def main(argv: list[str]) -> int:
         launch_total_s=wall, sdpa_fwdbwd_s=ref["wall_s"],
         peak_rss_mb_per_rank=[round(r["peak_rss_mb"]) for r in ranks],
         attn_rss_growth_mb_per_rank=[round(r["attn_rss_growth_mb"]) for r in ranks],
-        sdpa_rss_growth_mb=round(_rss_mb() - base), max_abs_err=errs,
+        sdpa_rss_growth_mb=round(peak_rss_mib() - base), max_abs_err=errs,
     )  # fmt: skip
     tol = 1e-4 if a.dtype == "fp32" else 5e-2
     ok = all(e <= tol for e in errs.values())
-    if a.json:
-        print(json.dumps(summary))
-        return 0 if ok else 1
-    print(
-        f"ring fwd {summary['ring_fwd_s']:.1f}s, fwd+bwd {summary['ring_fwdbwd_s']:.1f}s "
-        f"(slowest rank; {a.world} ranks share {output.cores()} cores) | single-process SDPA "
-        f"fwd+bwd {ref['wall_s']:.1f}s"
-    )
-    print(
-        f"peak RSS per rank (MB): {summary['peak_rss_mb_per_rank']}; growth during "
-        f"attention: {summary['attn_rss_growth_mb_per_rank']} vs single-process SDPA "
-        f"{summary['sdpa_rss_growth_mb']}"
-    )
     errors = ", ".join(f"{n} {e:.2e}" for n, e in errs.items())
-    print(f"max |ring - sdpa|: {errors}  -> {'OK' if ok else 'MISMATCH'} (tol {tol:g})")
+    text = (
+        f"ring fwd {summary['ring_fwd_s']:.1f}s, fwd+bwd {summary['ring_fwdbwd_s']:.1f}s (slowest "
+        f"rank; {a.world} ranks share {output.cores()} cores) | single-process SDPA fwd+bwd "
+        f"{ref['wall_s']:.1f}s\npeak RSS per rank (MB): {summary['peak_rss_mb_per_rank']}; "
+        f"growth during attention: {summary['attn_rss_growth_mb_per_rank']} vs single-process "
+        f"SDPA {summary['sdpa_rss_growth_mb']}\nmax |ring - sdpa|: {errors}  -> "
+        f"{'OK' if ok else 'MISMATCH'} (tol {tol:g})"
+    )
+    print(json.dumps(summary) if a.json else text)
     return 0 if ok else 1

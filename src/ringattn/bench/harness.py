@@ -155,12 +155,6 @@ def local_inputs(row: dict, rank: int, world: int, layout: str | None = None, gr
     return (*(t.requires_grad_(grad) for t in (q, k, v)), do)
 
 
-def block_bytes(row: dict) -> int:
-    """Bytes of one rank's local q block (b, s/W, h, d): the unit of the memory tables."""
-    local = row["seq"] // row["world"]
-    return row["batch"] * local * row["heads"] * row["head_dim"] * DTYPE_BYTES[row["dtype"]]
-
-
 def _on_rank(fn: Callable, threads: int, device: str, args: tuple):
     rank, world, _ = init_distributed(threads=threads, device=device)
     return fn(rank, world, *args)
@@ -232,21 +226,6 @@ def sdpa_reference(row: dict, repeats: int) -> dict:
         return dict(m, fwdbwd_s=fb["wall_s"], fwdbwd_cpu_s=fb["cpu_s"])
 
     return timed(run, repeats, key="fwdbwd_s")[0]
-
-
-class ReferenceCache:
-    """SDPA reference timings keyed by the global problem, so sweeps over W time it once."""
-
-    KEYS = ("seq", "causal", "dtype", "batch", "heads", "kv_heads", "head_dim")
-
-    def __init__(self, repeats: int):
-        self.repeats, self._done = repeats, {}
-
-    def __call__(self, row: dict) -> dict:
-        key = tuple(row[k] for k in self.KEYS)
-        if key not in self._done:
-            self._done[key] = sdpa_reference(row, self.repeats)
-        return self._done[key]
 
 
 def sdpa_grads(row: dict, inputs=None) -> dict:

@@ -5,15 +5,10 @@ The slowest rank sets the pace: read max/min and max/mean. See docs/benchmarks.m
 
 from __future__ import annotations
 
+from ..schedule import balance
 from . import harness as h
 from . import output
 from .attention import measure
-
-
-def balance(values: list[float]) -> dict:
-    """max/min and max/mean of per-rank values (inf when a rank has none)."""
-    lo, hi, mean = min(values), max(values), sum(values) / len(values)
-    return dict(max_over_min=hi / lo if lo > 0 else float("inf"), max_over_mean=hi / mean)
 
 
 def layout_rows(results: list[dict]) -> list[dict]:
@@ -23,24 +18,16 @@ def layout_rows(results: list[dict]) -> list[dict]:
     return [dict(r, **bal(r)) for r in results]
 
 
-def _per_rank(key: str, scale: float, fmt: str):
-    return lambda r: " ".join(fmt.format(x / scale) for x in r[key])
-
-
 COLUMNS = output.columns(
-    "layout=layout; flops_fwdbwd_per_rank=GFLOP per rank; "
-    "flops_max_over_min=FLOPs max/min:.2f; fwdbwd_cpu_per_rank=CPU s per rank; "
+    "layout=layout; flops_fwdbwd_per_rank=GFLOP per rank:.1f/1e9; "
+    "flops_max_over_min=FLOPs max/min:.2f; fwdbwd_cpu_per_rank=CPU s per rank:.3f; "
     "time_max_over_min=time max/min:.2f; time_max_over_mean=time max/mean:.2f; "
     "fwdbwd_s=f+b wall s:.3f; tflops_fwdbwd_per_rank=TF/s/rank (min):.3f",
-    flops_fwdbwd_per_rank=_per_rank("flops_fwdbwd_per_rank", 1e9, "{:.1f}"),
-    fwdbwd_cpu_per_rank=_per_rank("fwdbwd_cpu_per_rank", 1, "{:.3f}"),
 )
 
 NOTES = (
-    "W = {world}, causal, global seq {seq}, {dtype}, {heads} heads x {head_dim}; fwd+bwd. FLOPs "
-    "from the schedule (masked blocks are skipped, not computed); CPU s per rank: that rank's "
-    "own CPU time (compute + gloo threads), in rank order; max/mean = the busiest rank over "
-    "the average: 1.00 means no rank waits. Wall: {world} ranks share {cores} cores."
+    "W = {world} ranks on {cores} cores, causal, global seq {seq}, {dtype}, {heads} heads x "
+    "{head_dim}, fwd+bwd. Columns: docs/benchmarks.md#causal-layouts."
 )
 
 
@@ -52,9 +39,8 @@ def plot(rows: list[dict], path: str) -> None:
         xs = [x + (i - (len(rows) - 1) / 2) * width for x in range(w)]
         axes[0].bar(xs, [f / 1e9 for f in r["flops_fwdbwd_per_rank"]], width, label=r["layout"])
         axes[1].bar(xs, r["fwdbwd_cpu_per_rank"], width, label=r["layout"])
-    for ax, y in zip(
-        axes, ("GFLOP (fwd+bwd, from the schedule)", "CPU seconds (fwd+bwd, measured)")
-    ):
+    ylabels = ("GFLOP (fwd+bwd, from the schedule)", "CPU seconds (fwd+bwd, measured)")
+    for ax, y in zip(axes, ylabels):
         ax.set_xticks(range(w), [f"rank {r}" for r in range(w)])
         output.style(ax, "", y)
     r0 = rows[0]

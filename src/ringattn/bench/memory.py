@@ -5,97 +5,16 @@ linear fit and from the planner. Method and results: docs/benchmarks.md.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import weakref
-
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
-from ..model.config import PRESETS
-from ..plan.hardware import HARDWARE
+from ..memstat import MIB, measure_call, prepare_rss
+from ..model.config import PRESETS, get_preset
+from ..plan.cost import attention_elems, max_context
+from ..plan.fit import fit_budget
+from ..plan.hardware import HARDWARE, get_hardware
 from ..ring import ring_attention
 from . import harness as h
 from . import output
-
-MB = 2**20
-
-
-class LiveBytes(TorchDispatchMode):
-    """Tracks bytes of tensor storages created inside the mode: ``live`` now, ``peak`` max.
-
-    Each storage counts once, from the op that returns it until it is freed. Not seen:
-    scratch a fused kernel allocates inside C++ (the CPU flash kernel's tiles, under 1 MB).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-        self._sizes: dict[int, int] = {}  # storage data_ptr -> nbytes, while alive
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        # Views and in-place results alias an input: no new memory. (Their storage may also
-        # predate the mode, e.g. a view of an input, and must not be counted as new.)
-        inputs = {
-            t.untyped_storage().data_ptr()
-            for t in tree_leaves((args, kwargs))
-            if isinstance(t, torch.Tensor)
-        }
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
-                self._track(t)
-        return out
-
-    def _track(self, t: torch.Tensor) -> None:
-        st = t.untyped_storage()
-        key, n = st.data_ptr(), st.nbytes()
-        if n == 0 or key in self._sizes:  # views and in-place results share a storage
-            return
-        self._sizes[key] = n
-        self.live += n
-        self.peak = max(self.peak, self.live)
-        # storages keep their Python object while the C++ storage lives, so this fires
-        # when the memory is actually released
-        weakref.finalize(st, self._free, key, n)
-
-    def _free(self, key: int, n: int) -> None:
-        if self._sizes.pop(key, None) is not None:
-            self.live -= n
-
-
-def _proc_status_mb(field: str) -> float | None:
-    with contextlib.suppress(OSError), open("/proc/self/status") as f:
-        return next((int(ln.split()[1]) / 1024 for ln in f if ln.startswith(field + ":")), None)
-    return None
-
-
-def prepare_rss() -> bool:
-    """mmap every allocation above 64 KiB (glibc) so RSS follows live memory; False if the
-    platform cannot (then RSS growth is reported as None)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ok = ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
-        return bool(ok) and _proc_status_mb("VmHWM") is not None
-    return False
-
-
-def _reset_hwm() -> bool:
-    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
-        return True
-    return False
-
-
-def measure_call(fn, rss: bool) -> dict:
-    """Run ``fn()`` once; peak extra live tensor bytes and peak RSS growth (MB or None):
-    the peak RSS is reset before the call, growth = VmHWM after - VmRSS before."""
-    before = _proc_status_mb("VmRSS") if rss and _reset_hwm() else None
-    with LiveBytes() as live:
-        fn()
-    growth = None if before is None else _proc_status_mb("VmHWM") - before
-    return dict(peak_live_mb=live.peak / MB, rss_growth_mb=growth)
 
 
 def _call(row: dict, rank: int, world: int):
@@ -108,7 +27,7 @@ def _call(row: dict, rank: int, world: int):
     else:
         q, k, v, do = h.local_inputs(row, rank, world, grad=True)
         attn = lambda: ring_attention(q, k, v, causal=row["causal"], layout=row["layout"])
-    inputs_mb = sum(t.numel() * t.element_size() for t in (q, k, v, do)) / MB
+    inputs_mb = sum(t.numel() * t.element_size() for t in (q, k, v, do)) / MIB
     return lambda: attn().backward(do), inputs_mb
 
 
@@ -128,36 +47,22 @@ def measure_rows(rank: int, world: int, rows: list[dict]) -> list[dict]:
     return out
 
 
-def planner_attention_mb(row: dict) -> float:
-    """The planner's ring working set for this shape: the paper's 6 blocks (q, k, v, out and
-    the incoming k, v; GQA shrinks k, v), ``b c (2 h + 4 h_kv) d`` elements."""
-    c = row["seq"] // row["world"]
-    elems = row["batch"] * c * (2 * row["heads"] + 4 * row["kv_heads"]) * row["head_dim"]
-    return elems * h.DTYPE_BYTES[row["dtype"]] / MB
-
-
 def summarize(row: dict, ranks: list[dict]) -> dict:
     peak = max(r["peak_live_mb"] for r in ranks)
     inputs = max(r["inputs_mb"] for r in ranks)
     growth = [r["rss_growth_mb"] for r in ranks if r["rss_growth_mb"] is not None]
-    planner = planner_attention_mb(row) if row["impl"] == "ring" else None
+    # bytes of one rank's local q block (b, s/W, h, d), the unit of the table, and what the
+    # planner counts for the ring's attention (the paper's 6 blocks)
+    local, d, nbytes = row["seq"] // row["world"], row["head_dim"], h.DTYPE_BYTES[row["dtype"]]
+    q_block = row["batch"] * local * row["heads"] * d * nbytes
+    dims = (row["batch"], local, row["seq"], row["heads"] * d, row["kv_heads"] * d)
+    planner = attention_elems("ring", *dims) * nbytes / MIB
     return dict(
-        row, kind="measure", local_seq=row["seq"] // row["world"], inputs_mb=inputs,
-        peak_extra_mb=peak, peak_total_mb=inputs + peak,
-        rss_growth_mb=max(growth) if growth else None, blocks=peak * MB / h.block_bytes(row),
-        planner_attention_mb=planner,
+        row, kind="measure", local_seq=local, inputs_mb=inputs, peak_extra_mb=peak,
+        peak_total_mb=inputs + peak, rss_growth_mb=max(growth) if growth else None,
+        blocks=peak * MIB / q_block,
+        planner_attention_mb=planner if row["impl"] == "ring" else None,
     )  # fmt: skip
-
-
-def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """Least-squares ``y = a x + b``; one point gives the line through the origin."""
-    n = len(xs)
-    if n == 1:
-        return ys[0] / xs[0], 0.0
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    a = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-    return a, my - a * mx
 
 
 def _linearity(rows: list[dict]) -> list[dict]:
@@ -189,14 +94,12 @@ def max_context_rows(rows: list[dict], budget_mb: float, align: int = 1) -> list
     for (impl, w), mine in sorted(
         _series(rows, "measure", lambda r: (r["impl"], r["world"])).items()
     ):
-        a, b = fit_line([r["seq"] for r in mine], [r["peak_total_mb"] for r in mine])
-        step = align * w
-        # (+1e-6: a solution on an exact multiple must not round down to the one below)
-        seq = int((budget_mb - b) / a + 1e-6) // step * step if a > 0 else 0
+        seqs, peaks = [r["seq"] for r in mine], [r["peak_total_mb"] for r in mine]
+        a, b, seq = fit_budget(seqs, peaks, budget_mb, step=align * w)
         source = "measured fit" if impl == "ring" else "measured fit (SDPA)"
         out.append(dict(kind="max_context", source=source, impl=impl, world=w,
                         budget_mb=budget_mb, mb_per_1k_tokens=a * 1024, intercept_mb=b,
-                        max_seq=max(seq, 0)))  # fmt: skip
+                        max_seq=seq))  # fmt: skip
     ring = [r for r in out if r["impl"] == "ring"]
     _linearity([r for r in ring if r["world"] > 1])
     # the one-rank ring first, then the ring over W > 1, then SDPA
@@ -206,13 +109,9 @@ def max_context_rows(rows: list[dict], budget_mb: float, align: int = 1) -> list
 def planner_rows(model: str, hardware: str, worlds: list[int], mem_mb: float | None) -> list[dict]:
     """The planner's longest context (full training memory: states, activations, attention,
     logits) for a model preset at cp = W, with the device memory overridden to ``mem_mb``."""
-    from ..model.config import get_preset
-    from ..plan.cost import max_context
-    from ..plan.hardware import get_hardware
-
     cfg = get_preset(model)
-    hw = get_hardware(hardware, mem_bytes=mem_mb * MB if mem_mb else None)
-    budget = hw.mem_bytes / MB
+    hw = get_hardware(hardware, mem_bytes=mem_mb * MIB if mem_mb else None)
+    budget = hw.mem_bytes / MIB
     src = f"planner: {model}, {budget:,.0f} MB/rank"
     return _linearity([
         dict(kind="max_context", source=src, impl="ring", world=w, budget_mb=budget,
@@ -236,12 +135,7 @@ CTX_COLUMNS = output.columns(
 
 NOTES = (
     "Per rank, largest rank, fwd+bwd of causal {layout} attention, {dtype}, {heads} heads x "
-    "{head_dim}. "
-    "peak live: the most tensor bytes alive at once during the call, beyond its inputs "
-    "(q, k, v, dout); '= q blocks' divides by one local q block (b s/W h d). RSS growth: "
-    "peak resident memory growth during the call (includes kernel scratch, page-granular). "
-    "planner 6 blocks: the paper's ring working set the planner counts for this shape "
-    "(forward only; backward adds the fp32 dq, dk/dv accumulators and their in-flight copies)."
+    "{head_dim}. Method and columns: docs/benchmarks.md#memory."
 )
 
 

@@ -89,25 +89,32 @@ Column = tuple[str, str, "str | Callable[[dict], str]"]
 
 
 def columns(spec: str, **fmts) -> list[Column]:
-    """Table columns from ``"key=header:format; ..."``: ``format`` is a ``str.format`` spec
-    for ``row[key]`` (none: ``{}``); ``fmts[key]``, a function of the row, replaces it."""
+    """Table columns from ``"key=header:format; ..."`` (see :func:`markdown_table` for the
+    format; none: ``{}``); ``fmts[key]``, a function of the row, replaces it."""
     out = []
     for item in filter(None, (s.strip() for s in spec.split(";"))):
         key, _, rest = item.partition("=")
         head, _, fmt = rest.rpartition(":") if ":" in rest else (rest, "", "")
-        out.append((key, head, fmts.get(key) or ("{:" + fmt + "}" if fmt else "{}")))
+        fmt, _, unit = fmt.partition("/")
+        pattern = ("{:" + fmt + "}" if fmt else "{}") + (f"/{unit}" if unit else "")
+        out.append((key, head, fmts.get(key) or pattern))
     return out
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[Column]) -> str:
-    """``columns``: (key, header, format) where format is a ``str.format`` pattern applied to
-    ``row[key]`` or a function of the whole row; a missing value prints as ``-``."""
+    """``columns``: (key, header, format) where format is a function of the whole row or a
+    ``str.format`` pattern for ``row[key]``, each element of a list space-separated; a
+    pattern ending in ``/unit`` prints the value divided by unit (``{:.1f}/1e9``: GFLOP).
+    A missing value prints as ``-``."""
 
     def cell(r: dict, key: str, fmt) -> str:
         if callable(fmt):
             return fmt(r)
-        v = r.get(key)
-        return "-" if v is None else fmt.format(v)
+        v, (pattern, _, unit) = r.get(key), fmt.partition("/")
+        if v is None:
+            return "-"
+        vals = [x / float(unit) if unit else x for x in (v if isinstance(v, list) else [v])]
+        return " ".join(pattern.format(x) for x in vals)
 
     head = "| " + " | ".join(h for _, h, _ in columns) + " |"
     sep = "|" + "|".join("---" for _ in columns) + "|"
@@ -134,19 +141,14 @@ def report(rows: list[dict], args, tables: Sequence, notes="", plot=None, **fmt)
     return 0
 
 
-def pyplot():
-    """matplotlib.pyplot with the file-only Agg backend (imported only when plotting)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def figure(ncols: int, figsize: tuple[float, float]):
-    """A figure with ``ncols`` subplots side by side: (fig, axes), one ``ax`` for 1."""
-    return pyplot().subplots(1, ncols, figsize=figsize)
+    """A figure with ``ncols`` subplots side by side: (fig, axes), one ``ax`` for 1. A bare
+    matplotlib ``Figure`` (as ``plan.simulate.to_png``): no pyplot state, nothing to close;
+    matplotlib is imported only when plotting."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(1, ncols)
 
 
 def style(ax, xlabel: str, ylabel: str, title=None, logx=None, logy=None, ticks=None, legend=8):
@@ -177,5 +179,4 @@ def save(fig, path: str, rows: Sequence[dict], title: str | None = None) -> None
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    pyplot().close(fig)
     print(f"wrote {path}", file=sys.stderr)

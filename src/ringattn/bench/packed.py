@@ -28,6 +28,7 @@ import torch
 from ..balance import MIN_DOC, lognormal_pack, packed_runs
 from ..kernels import fused
 from ..mask_plan import mask_flops, plan_flops, ring_mask_plan
+from ..schedule import balance
 from . import harness as h
 from . import output
 
@@ -35,7 +36,7 @@ LAYOUTS = ("contiguous", "zigzag", "striped", "packed")
 
 
 def _ratio(xs) -> float:
-    return max(xs) / min(xs) if min(xs) > 0 else float("inf")
+    return balance(xs)["max_over_min"]
 
 
 def flops_rows(seqs, worlds, seeds, *, median=1024.0, sigma=1.5, heads=8, head_dim=64):
@@ -242,7 +243,7 @@ NOTES = (
 
 
 def main(argv: list[str]) -> int:
-    p = h.parser("bench packed", __doc__)
+    p = h.parser("bench packed", __doc__, out="packed", repeats=2)
     p.add_argument("--seq", type=h.positive, nargs="+", default=[32768, 65536, 131072])
     p.add_argument("--world", type=h.positive, nargs="+", default=[2, 4, 8])
     p.add_argument("--seeds", type=h.positive, default=2, help="packs per length")
@@ -250,9 +251,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--sigma", type=float, default=1.5)
     p.add_argument("--time-seq", type=non_negative, default=16384, help="pack measured (0: skip)")
     p.add_argument("--time-world", type=h.positive, nargs="+", default=[4, 8])
-    p.add_argument("--repeats", type=h.positive, default=2, help="timed runs after a warm-up")
     p.add_argument("--ring", action="store_true", help="also time the real ring (gloo ranks)")
-    output.add_output_args(p, "packed")
     args = p.parse_args(argv)
     check_args(p, args)
     dist = dict(median=args.median, sigma=args.sigma)

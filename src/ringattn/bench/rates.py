@@ -1,11 +1,12 @@
 """What ``ringattn bench calibrate`` measures on this machine, as plain functions: kernel rates
 on one block, the exact kernel calls of a rank's schedule replayed without the ring, ring
-exchange times and the latency/bandwidth fit, and how much of a core a rank gets.
+exchange times, and how much of a core a rank gets.
 """
 
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -16,43 +17,13 @@ from ..schedule import ring_plan
 from .harness import make_inputs, timed
 
 
-def least_cpu(fn, repeats: int) -> float:
-    """Least CPU seconds of ``fn()`` over ``repeats`` calls after a warm-up."""
-    return timed(fn, repeats)[0]["cpu_s"]
-
-
-def _block(row: dict, n: int) -> list:
-    """Seeded q, k, v, dout of ``row``'s shape for ``n`` tokens, (b, h[_kv], n, d)."""
-    return [t.transpose(1, 2).contiguous() for t in make_inputs(dict(row, seq=n))]
-
-
-def kernel_rates(row: dict, block: int, repeats: int = 2) -> dict:
-    """Forward and backward FLOP/s of the CPU fused op on one full (non-causal) block."""
-    q, k, v, do = _block(row, block)
-    b, h, d = row["batch"], row["heads"], row["head_dim"]
-    scale = d**-0.5
-    out, lse = fused.cpu_forward(q, k, v, causal=False, scale=scale)
-    # CPU time, not wall: on a shared machine wall time also counts waiting for a core
-    t_fwd = least_cpu(lambda: fused.cpu_forward(q, k, v, causal=False, scale=scale), repeats)
-    t_bwd = least_cpu(
-        lambda: fused.cpu_backward(do, q, k, v, out, lse, causal=False, scale=scale), repeats
-    )
-    fwd_flops = 4.0 * b * h * block * block * d
-    bwd_flops = BWD_FLOPS_FACTOR * fwd_flops / t_bwd
-    return dict(
-        block=block, fwd_s=t_fwd, bwd_s=t_bwd, fwd_flops=fwd_flops / t_fwd, bwd_flops=bwd_flops
-    )
-
-
-def replay_rank(row: dict, rank: int, repeats: int = 1) -> dict:
-    """CPU seconds of exactly the kernel calls ``rank``'s schedule makes (fwd, bwd), without
-    communication, merges or accumulation: between the simulator (FLOP-proportional) and the
-    measured ring, so the error of each can be told apart."""
-    w, n = row["world"], row["seq"] // row["world"]
-    plan = ring_plan(row["layout"], row["causal"], rank, w, n)
-    q, k, v, do = _block(row, n)
+def _kernel_cpu_s(row: dict, n: int, works: list, repeats: int) -> tuple[float, ...]:
+    """Least CPU seconds of the CPU fused op's forward, then backward, over ``works`` (each:
+    q rows, kv rows, causal, mask) on seeded q, k, v, dout of ``row``'s shape for ``n``
+    tokens, (b, h[_kv], n, d). CPU time, not wall: on a shared machine wall time also counts
+    waiting for a core."""
+    q, k, v, do = (t.transpose(1, 2).contiguous() for t in make_inputs(dict(row, seq=n)))
     scale = row["head_dim"] ** -0.5
-    works = [wk for step in plan for wk in step]
 
     def fwd() -> list:
         return [
@@ -69,7 +40,27 @@ def replay_rank(row: dict, rank: int, repeats: int = 1) -> dict:
             fused.cpu_backward(do[:, :, w.q], q[:, :, w.q], k[:, :, w.kv], v[:, :, w.kv], o, lse,
                                causal=w.causal, scale=scale, mask=w.mask)  # fmt: skip
 
-    t_fwd, t_bwd = least_cpu(fwd, repeats), least_cpu(bwd, repeats)
+    return tuple(timed(f, repeats)[0]["cpu_s"] for f in (fwd, bwd))  # least of each
+
+
+def kernel_rates(row: dict, block: int, repeats: int = 2) -> dict:
+    """Forward and backward FLOP/s of the CPU fused op on one full (non-causal) block."""
+    full = SimpleNamespace(q=slice(None), kv=slice(None), causal=False, mask=None)
+    t_fwd, t_bwd = _kernel_cpu_s(row, block, [full], repeats)
+    fwd_flops = 4.0 * row["batch"] * row["heads"] * block * block * row["head_dim"]
+    bwd_flops = BWD_FLOPS_FACTOR * fwd_flops / t_bwd
+    return dict(
+        block=block, fwd_s=t_fwd, bwd_s=t_bwd, fwd_flops=fwd_flops / t_fwd, bwd_flops=bwd_flops
+    )
+
+
+def replay_rank(row: dict, rank: int, repeats: int = 1) -> dict:
+    """CPU seconds of exactly the kernel calls ``rank``'s schedule makes (fwd, bwd), without
+    communication, merges or accumulation: between the simulator (FLOP-proportional) and the
+    measured ring, so the error of each can be told apart."""
+    w, n = row["world"], row["seq"] // row["world"]
+    works = [wk for step in ring_plan(row["layout"], row["causal"], rank, w, n) for wk in step]
+    t_fwd, t_bwd = _kernel_cpu_s(row, n, works, repeats)
     return dict(fwd_cpu_s=t_fwd, bwd_cpu_s=t_bwd, fwdbwd_cpu_s=t_fwd + t_bwd)
 
 
@@ -92,19 +83,6 @@ def time_exchanges(sizes: tuple[int, ...], repeats: int, barrier) -> list[float]
     return out
 
 
-def fit_link(sizes: list[float], times: list[float]) -> tuple[float, float]:
-    """(latency_s, bytes/s) of ``t = latency + bytes / bandwidth``: latency is the smallest
-    message's time (a fitted intercept can go negative), the bandwidth the least-squares
-    slope of the larger ones with it held fixed."""
-    pts = sorted(zip(sizes, times))
-    lat = pts[0][1]
-    rest = pts[1:] or pts
-    num = sum(x * (y - lat) for x, y in rest)
-    den = sum(x * x for x, _ in rest)
-    slope = num / den if den > 0 else 0.0
-    return lat, 1.0 / max(slope, 1e-18)
-
-
 def probe_share(seconds: float = 0.3) -> float:
     """Fraction of a core one process gets now (CPU / wall time of a busy loop; 1.0: idle)."""
     a = torch.randn(128, 128)
@@ -112,11 +90,3 @@ def probe_share(seconds: float = 0.3) -> float:
     while time.perf_counter() - t0 < seconds:
         a = torch.tanh(a @ a)
     return min(1.0, (time.process_time() - c0) / (time.perf_counter() - t0))
-
-
-def core_share(world: int, n_cores: int, probe: float | None = None) -> float:
-    """A rank's fraction of a core, ``world`` ranks on ``n_cores`` cores: ``min(1, cores / W)``
-    idle; with a probe p < 1, ``cores / p - 1`` other processes share the cores too."""
-    # p >= 0.98 cannot tell 0 from cores - 1 other processes: read it as an idle machine
-    background = 0.0 if probe is None or probe >= 0.98 else n_cores / max(probe, 1e-3) - 1.0
-    return min(1.0, n_cores / (world + background))

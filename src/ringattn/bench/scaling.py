@@ -52,11 +52,8 @@ STRONG_COLUMNS = output.columns(
 )
 
 NOTES = (
-    "wall: slowest rank, fwd+bwd, W ranks sharing {cores} cores (so W > {cores} waits for a "
-    "core). CPU/rank: the busiest rank's CPU time (compute + gloo threads), i.e. its time "
-    "with a core of its own. SDPA / CPU per rank: speed-up over one process if each rank had "
-    "its own core (ideal: W, less for the per-step overhead). CPU total / SDPA: the CPU cost "
-    "of distributing. wait: time blocked on transfers (slowest rank)."
+    "W ranks share {cores} cores; fwd+bwd, causal {layout}, {dtype}, {heads} heads x {head_dim}. "
+    "Columns: docs/benchmarks.md#strong-scaling."
 )
 
 
@@ -109,12 +106,8 @@ WEAK_COLUMNS = output.columns(
 )
 
 WEAK_NOTES = (
-    "Tokens per rank are fixed. CPU/rank/step = the busiest rank's fwd+bwd CPU time / W: the "
-    "work of one ring step, which is what stays flat (a step is one block pair of the same "
-    "size); CPU/rank itself grows ~W (attention is quadratic in the global sequence). "
-    "TF/s/rank (scheduled FLOPs / the rank's CPU time) flat = no loss of kernel efficiency. "
-    "W = 1 is the one-rank ring in the parent process (no process group). wall: {cores} "
-    "cores shared by W ranks."
+    "{seq_per_rank} tokens per rank, W ranks share {cores} cores; W = 1 is the one-rank ring in "
+    "this process. Columns: docs/benchmarks.md#weak-scaling."
 )
 
 

@@ -99,9 +99,8 @@ def run_one(a, cp: int) -> dict:
 
 COLUMNS = output.columns(
     "cp=cp; seq=seq; step_time_s=step s:.2f; tokens_per_s=tokens/s:,.0f; "
-    "tokens_per_core_s=tokens/core-s:,.0f; tflops_per_rank=TFLOP/s/rank:.3f; mfu=MFU; "
+    "tokens_per_core_s=tokens/core-s:,.0f; tflops_per_rank=TFLOP/s/rank:.3f; mfu=MFU:.1%; "
     "peak_mem_mb_per_rank=peak MiB/rank",
-    mfu=lambda r: f"{100 * r['mfu']:.1f}%",
     peak_mem_mb_per_rank=lambda r: f"{max(r['peak_mem_mb_per_rank']):,.0f}",
 )
 

@@ -31,7 +31,9 @@ rank enters a collective.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -52,11 +54,7 @@ SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 class _CP:
     """What one model's attention layers need: the same on every rank by construction."""
 
-    group: object
-    mesh: object
-    layout: str
-    strategy: str
-    kernel: str
+    attend: Callable  # context_parallel_attention bound to group/mesh, layout, strategy, kernel
     previous: str | None  # the attention implementation to restore in disable()
 
 
@@ -174,7 +172,8 @@ def enable(
     previous = model.config._attn_implementation
     if previous == NAME:  # enabled again (new group or strategy): keep what disable restores
         previous = next((_CONTEXTS[m].previous for m in mods if m in _CONTEXTS), None)
-    ctx = _CP(group, mesh, layout, strategy, kernel, previous)
+    kw = dict(group=group, mesh=mesh, layout=layout, strategy=strategy, kernel=kernel)
+    ctx = _CP(partial(context_parallel_attention, **kw), previous)
     for m in mods:
         _CONTEXTS[m] = ctx
     _set_implementation(model, NAME)
@@ -257,18 +256,7 @@ def ringattn_attention(
         )
     window = None if sliding_window is None else (int(sliding_window) - 1, 0)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (b, n, h[_kv], d)
-    out = context_parallel_attention(
-        q,
-        k,
-        v,
-        strategy=ctx.strategy,
-        causal=True,
-        softmax_scale=scaling,
-        layout=ctx.layout,
-        group=ctx.group,
-        mesh=ctx.mesh,
-        cu_seqlens=cp_cu_seqlens,
-        window=window,
-        kernel=ctx.kernel,
+    out = ctx.attend(
+        q, k, v, causal=True, softmax_scale=scaling, cu_seqlens=cp_cu_seqlens, window=window
     )
     return out, None

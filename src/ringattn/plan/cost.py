@@ -24,6 +24,7 @@ __all__ = [
     "PAPER_HARDWARE",
     "STRATEGIES",
     "MemoryBreakdown",
+    "attention_elems",
     "layer_activation_elems",
     "max_context",
     "memory_breakdown",
@@ -213,6 +214,18 @@ def _layer_params(cfg: ModelConfig) -> int:
     return attn + 3 * d * cfg.hidden + 2 * d
 
 
+def attention_elems(strategy: str, batch: int, c: float, seq: int, qd: float, kvd: float):
+    """Elements one rank's attention holds at once: ``c`` local tokens of ``seq``, query (and
+    output) width ``qd`` = heads x head_dim, key/value width ``kvd`` = kv_heads x head_dim."""
+    if strategy == "ring":
+        # The paper's 6 blocks: q, k, v, out and the two incoming k, v (GQA: k, v smaller).
+        return batch * c * (2 * qd + 4 * kvd)
+    if strategy == "allgather":
+        return batch * (c * 2 * qd + seq * 2 * kvd)  # full K and V on every rank
+    # Ulysses: q, k, v, out before and after the all-to-all, same size both sides.
+    return 2 * batch * c * (2 * qd + 2 * kvd)
+
+
 def memory_breakdown(
     cfg: ModelConfig,
     seq: int,
@@ -251,15 +264,6 @@ def memory_breakdown(
     else:
         acts = cfg.n_layers * layer
 
-    if strategy == "ring":
-        # The paper's 6 blocks: q, k, v, out and the two incoming k, v (GQA: k, v smaller).
-        attn_elems = batch * c * (2 * qd + 4 * kvd)
-    elif strategy == "allgather":
-        attn_elems = batch * (c * 2 * qd + seq * 2 * kvd)  # full K and V on every rank
-    else:
-        # Ulysses: q, k, v, out before and after the all-to-all, same size both sides.
-        attn_elems = 2 * batch * c * (2 * qd + 2 * kvd)
-
     unit = max(_layer_params(cfg), cfg.vocab_size * cfg.dim)  # largest FSDP unit
     return MemoryBreakdown(
         params=n * dtype_bytes / (tp * shard),
@@ -268,7 +272,7 @@ def memory_breakdown(
         fsdp_buffers=3 * unit * dtype_bytes / tp if shard > 1 else 0.0,
         activations=acts,
         layer_backward=layer,
-        attention=attn_elems * dtype_bytes,
+        attention=attention_elems(strategy, batch, c, seq, qd, kvd) * dtype_bytes,
         ffn=0.0 if ffn_saved else batch * min(cfg.ffn_chunk, c) * 3 * f * dtype_bytes,
         logits=batch * min(loss_chunk or c, c) * cfg.vocab_size / tp * LOGIT_BYTES,
         budget=hw.mem_bytes * (1 - MEM_RESERVE) if hw is not None else 0.0,

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ringattn.plan.hardware import Hardware
+from ringattn.schedule import balance
 
 __all__ = [
     "LAYOUTS",
@@ -143,8 +144,7 @@ class SimResult:
     @property
     def imbalance(self) -> float:
         """max / min busy time over ranks (1 = perfectly balanced)."""
-        lo = min(self.busy_s)
-        return max(self.busy_s) / lo if lo > 0 else math.inf
+        return balance(self.busy_s)["max_over_min"]
 
     def to_dict(self, per_rank: bool | None = None) -> dict:
         """JSON-ready summary; per-rank busy times only for small worlds unless asked."""

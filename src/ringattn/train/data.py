@@ -251,16 +251,9 @@ class TextData:
 
 def build_dataset(data_cfg, vocab_size: int):
     """The dataset named by ``data_cfg.kind`` (a :class:`~ringattn.train.config.DataConfig`)."""
-    if data_cfg.kind == "retrieval":
-        return RetrievalTask(
-            needle=data_cfg.needle,
-            n_pairs=data_cfg.n_pairs,
-            n_keys=data_cfg.n_keys,
-            n_values=data_cfg.n_values,
-            n_filler=data_cfg.n_filler,
-            vocab_size=vocab_size,
-            seed=data_cfg.seed,
-        )
+    if data_cfg.kind == "retrieval":  # the task's options are DataConfig fields of one name
+        opts = ("needle", "n_pairs", "n_keys", "n_values", "n_filler", "seed")
+        return RetrievalTask(vocab_size=vocab_size, **{k: getattr(data_cfg, k) for k in opts})
     if data_cfg.kind == "tokens":
         from ringattn.train.tokens import TokenData, check_token_dataset
 

@@ -19,39 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 from pathlib import Path
 
 import torch
 
 from ringattn.launch import init_distributed, launch
+from ringattn.memstat import MIB, SavedBytes, peak_rss_mib, rss_mib
 from ringattn.train.config import load_config
 
 __all__ = ["measure_rank", "measure_step", "memory_main"]
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-class _SavedBytes:
-    """Sums the distinct storages autograd saves for backward, parameters excluded."""
-
-    def __init__(self):
-        self.seen: dict[int, int] = {}
-
-    def pack(self, t: torch.Tensor):
-        # parameters (FSDP's unsharded ones included) are leaves that require grad
-        if not (t.is_leaf and t.requires_grad):
-            st = t.untyped_storage()
-            self.seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    @property
-    def mib(self) -> float:
-        return sum(self.seen.values()) / 2**20
 
 
 def measure_step(trainer, batch) -> dict:
@@ -61,9 +38,9 @@ def measure_step(trainer, batch) -> dict:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    before_rss = _rss_mib()
+    before_rss = rss_mib("VmRSS")
     before_cuda = torch.cuda.memory_allocated() if cuda else 0
-    saved = _SavedBytes()
+    saved = SavedBytes()
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
         loss_sum, _ = trainer._loss(batch)
     loss_sum.backward()
@@ -71,10 +48,10 @@ def measure_step(trainer, batch) -> dict:
     out = {
         "saved_mib": saved.mib,
         "rss_before_mib": before_rss,
-        "rss_increase_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before_rss,
+        "rss_increase_mib": peak_rss_mib() - before_rss,
     }
     if cuda:
-        out["cuda_increase_mib"] = (torch.cuda.max_memory_allocated() - before_cuda) / 2**20
+        out["cuda_increase_mib"] = (torch.cuda.max_memory_allocated() - before_cuda) / MIB
     return out
 
 

@@ -10,12 +10,13 @@ the CUDA allocator's peak on GPUs and the process's peak resident set size on CP
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from ringattn.memstat import peak_rss_mib
 
 __all__ = ["MetricsLog", "ProgressBar", "peak_memory_mb", "plot_loss"]
 
@@ -24,7 +25,7 @@ def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this rank in MiB (CUDA: allocator peak; CPU: process peak RSS)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return peak_rss_mib()
 
 
 class MetricsLog:
