@@ -94,7 +94,17 @@ def test_unsupported_models_raise_in_enable():
         hf.enable(model, strategy="tree")
     with pytest.raises(ValueError, match="takes mesh="):
         hf.enable(model, strategy="hybrid")
+    with pytest.raises(ValueError, match="grad_precision='half' is unknown"):
+        hf.enable(model, grad_precision="half")
     assert model.config._attn_implementation == "sdpa"  # nothing was switched
+
+
+def test_enable_passes_grad_precision():
+    model = build("llama")
+    hf.enable(model, grad_precision="fast")
+    ctx = hf._CONTEXTS[hf._attention_modules(model)[0]]
+    assert ctx.attend.keywords["grad_precision"] == "fast"
+    hf.disable(model)
 
 
 def test_unsupported_architecture_raises():

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ..cp import STRATEGIES, context_parallel_attention
+from ..kernels import check_grad_precision
 from ..layouts import check_layout
 from .hf_data import CPBatch, cp_loss, prepare_batch
 
@@ -148,6 +149,7 @@ def enable(
     strategy: str = "ring",
     mesh=None,
     kernel: str = "auto",
+    grad_precision: str = "auto",
 ) -> nn.Module:
     """Switch a transformers causal LM over to context-parallel attention; returns ``model``.
 
@@ -157,6 +159,8 @@ def enable(
         layout: how :func:`prepare_batch` shards the sequence ("zigzag" balances causal work).
         strategy: one of :data:`ringattn.STRATEGIES`.
         kernel: the local attention kernel ("auto", "sdpa", "blockwise", "flash_attn").
+        grad_precision: half-precision backward, "auto" | "exact" | "fast" (see
+            :func:`ringattn.ring_attention`).
 
     No communication: safe to call on each rank in any order. Sets ``config.use_cache=False``
     (a KV cache of one shard is meaningless under context parallelism).
@@ -164,6 +168,7 @@ def enable(
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is unknown; choose one of {STRATEGIES}")
     check_layout(layout)
+    check_grad_precision(grad_precision)
     if (strategy == "hybrid") != (mesh is not None):
         raise ValueError("strategy='hybrid' takes mesh= (and no group=); the others take group=")
     check_model(model, strategy=strategy, world=_world(group, mesh))
@@ -173,6 +178,7 @@ def enable(
     if previous == NAME:  # enabled again (new group or strategy): keep what disable restores
         previous = next((_CONTEXTS[m].previous for m in mods if m in _CONTEXTS), None)
     kw = dict(group=group, mesh=mesh, layout=layout, strategy=strategy, kernel=kernel)
+    kw["grad_precision"] = grad_precision
     ctx = _CP(partial(context_parallel_attention, **kw), previous)
     for m in mods:
         _CONTEXTS[m] = ctx
