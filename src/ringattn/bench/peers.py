@@ -114,7 +114,9 @@ def _rank(rank: int, world: int, rows: list[dict], bases: list[dict], impls, rep
         runs: dict = {i: [] for i in impls}
         got: dict = {i: {} for i in impls}
         for turn in range(repeats + 1):
-            for i in impls:
+            # each turn starts one impl later: no impl always runs first (after the others'
+            # frees) or last
+            for i in impls[turn % len(impls) :] + impls[: turn % len(impls)]:
                 m = _run(i, world, inputs[IMPLS[i][0]], got[i])
                 if turn:  # turn 0 is the warm-up
                     runs[i].append(m)
