@@ -29,48 +29,90 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def attend_(out_t, lse, q_t, k_t, v_t, works, kernel: Kernel, scale: float) -> None:
+def _covers(rows: slice, n: int) -> bool:
+    """Whether ``rows`` (a BlockWork slice) is all ``n`` rows of its accumulator."""
+    return (rows.start or 0) == 0 and (rows.stop is None or rows.stop >= n)
+
+
+def attend_(out_t, lse, q_t, k_t, v_t, works, kernel: Kernel, scale: float, fresh=False) -> None:
     """Attend queries to one K/V block for each scheduled pair and merge into (out, lse).
 
     out_t (b, h, n, d) and lse (b, h, n) are fp32 accumulators (views are fine); q_t, k_t,
-    v_t are (b, h[_kv], s, d) views; ``works`` are BlockWork slices into them.
+    v_t are (b, h[_kv], s, d) views; ``works`` are BlockWork slices into them. ``fresh``: the
+    accumulators are uninitialised (``torch.empty``); a first block that covers every query
+    row is copied in (what merging it into out = 0, lse = -inf gives, bit for bit), else they
+    are set to that first.
     """
     for w in works:
         o_b, lse_b = kernel.forward(
             q_t[:, :, w.q], k_t[:, :, w.kv], v_t[:, :, w.kv],
             causal=w.causal, scale=scale, mask=w.mask,
         )  # fmt: skip
-        merge_(out_t[:, :, w.q], lse[:, :, w.q], o_b, lse_b)
+        if fresh and _covers(w.q, out_t.shape[2]):
+            out_t.copy_(o_b)
+            lse.copy_(lse_b)
+        else:
+            if fresh:
+                out_t.zero_()
+                lse.fill_(float("-inf"))
+            merge_(out_t[:, :, w.q], lse[:, :, w.q], o_b, lse_b)
+        fresh = False
+    if fresh:
+        out_t.zero_()
+        lse.fill_(float("-inf"))
+
+
+def _accumulate_(acc, rows: slice, x, fresh: bool) -> None:
+    """``acc[:, :, rows] += x``; a ``fresh`` (uninitialised) acc is set first: to ``x`` when
+    ``rows`` covers it, else to zero."""
+    if fresh and _covers(rows, acc.shape[2]):
+        acc.copy_(x)
+        return
+    if fresh:
+        acc.zero_()
+    acc[:, :, rows] += x
 
 
 def attend_backward_(
-    dq_t, dk_t, dv_t, do_t, q_t, k_t, v_t, o_t, lse, works, kernel: Kernel, scale: float
-) -> None:
+    dq_t, dk_t, dv_t, do_t, q_t, k_t, v_t, o_t, lse, works, kernel: Kernel, scale: float,
+    fresh_q=False, fresh_kv=False,
+) -> None:  # fmt: skip
     """Add each scheduled pair's gradients into dq_t and dk_t/dv_t (fp32 views), using the
-    FINAL out and lse of the query rows (exact per block)."""
+    FINAL out and lse of the query rows (exact per block). ``fresh_q`` / ``fresh_kv``: dq_t /
+    dk_t and dv_t are uninitialised and are set by their first block (see :func:`attend_`)."""
     for w in works:
         dq_b, dk_b, dv_b = kernel.backward(
             do_t[:, :, w.q], q_t[:, :, w.q], k_t[:, :, w.kv], v_t[:, :, w.kv],
             o_t[:, :, w.q], lse[:, :, w.q], causal=w.causal, scale=scale, mask=w.mask,
         )  # fmt: skip
-        dq_t[:, :, w.q] += dq_b
-        dk_t[:, :, w.kv] += dk_b
-        dv_t[:, :, w.kv] += dv_b
+        _accumulate_(dq_t, w.q, dq_b, fresh_q)
+        _accumulate_(dk_t, w.kv, dk_b, fresh_kv)
+        _accumulate_(dv_t, w.kv, dv_b, fresh_kv)
+        fresh_q = fresh_kv = False
+    if fresh_q:  # no block at all
+        dq_t.zero_()
+    if fresh_kv:
+        dk_t.zero_()
+        dv_t.zero_()
 
 
 def ring_forward(q, k, v, *, scale: float, plan: RingPlan, ring: Ring, kernel: Kernel):
     """q (b, n, h, d), k/v (b, n, h_kv, d) -> out (b, n, h, d) fp32, lse (b, h, n) fp32."""
     b, n, h, _ = q.shape
     acc = acc_dtype(q.dtype)
-    out = torch.zeros(b, n, h, v.shape[3], dtype=acc, device=q.device)
-    lse = torch.full((b, h, n), float("-inf"), dtype=acc, device=q.device)
+    # set by the first step's blocks (attend_(fresh=True)): no fill, no merge with zeros
+    out = torch.empty(b, n, h, v.shape[3], dtype=acc, device=q.device)
+    lse = torch.empty((b, h, n), dtype=acc, device=q.device)
     kv = [k.contiguous(), v.contiguous()]
     n_steps = len(plan)
     for step, works in enumerate(plan):
         pending = None
         if step < n_steps - 1:
             pending = ring.exchange(kv, f"k/v at forward step {step}")
-        attend_(_bhsd(out), lse, _bhsd(q), _bhsd(kv[0]), _bhsd(kv[1]), works, kernel, scale)
+        attend_(
+            _bhsd(out), lse, _bhsd(q), _bhsd(kv[0]), _bhsd(kv[1]), works, kernel, scale,
+            fresh=step == 0,
+        )  # fmt: skip
         if pending is not None:
             kv = pending.wait()
     return out, lse
@@ -80,7 +122,7 @@ def ring_backward(
     dout, q, k, v, out, lse, *, scale: float, plan: RingPlan, ring: Ring, kernel: Kernel
 ):
     """Gradients for q (b, n, h, d) and this rank's own k, v (b, n, h_kv, d), all fp32."""
-    dq = torch.zeros(q.shape, dtype=acc_dtype(q.dtype), device=q.device)
+    dq = torch.empty(q.shape, dtype=acc_dtype(q.dtype), device=q.device)  # set at step 0
     kv = [k.contiguous(), v.contiguous()]
     n_steps = len(plan)
     pending_dkv = None
@@ -92,10 +134,11 @@ def ring_backward(
         # accumulators of earlier ranks, so their transfer overlaps this compute
         part = None
         if works or pending_dkv is None:  # a skipped (fully masked) step allocates nothing
-            part = [torch.zeros(t.shape, dtype=dq.dtype, device=t.device) for t in kv]
+            part = [torch.empty(t.shape, dtype=dq.dtype, device=t.device) for t in kv]
             attend_backward_(
                 _bhsd(dq), _bhsd(part[0]), _bhsd(part[1]), _bhsd(dout), _bhsd(q),
                 _bhsd(kv[0]), _bhsd(kv[1]), _bhsd(out), lse, works, kernel, scale,
+                fresh_q=step == 0, fresh_kv=True,
             )  # fmt: skip
         if pending_dkv is None:  # step 0: our own block, nobody else has touched it yet
             acc = part
