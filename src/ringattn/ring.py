@@ -29,9 +29,19 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _covers(rows: slice, n: int) -> bool:
-    """Whether ``rows`` (a BlockWork slice) is all ``n`` rows of its accumulator."""
-    return (rows.start or 0) == 0 and (rows.stop is None or rows.stop >= n)
+def _init_(fresh: bool, works, rows, *accs) -> bool:
+    """``accs``: (accumulator (b, h, n, ...), its empty value) pairs, left uninitialised
+    (``torch.empty``) when ``fresh``. True: the first work's ``rows(w)`` covers all n rows, so
+    its block is copied in, bit for bit what adding or merging it into empty accumulators
+    gives. Else they are filled with their empty value (0, or -inf for an lse) here."""
+    if not fresh:
+        return False
+    first, n = (rows(works[0]) if works else None), accs[0][0].shape[2]
+    if first is not None and (first.start or 0) == 0 and (first.stop is None or first.stop >= n):
+        return True
+    for acc, empty in accs:
+        acc.fill_(empty)
+    return False
 
 
 def attend_(out_t, lse, q_t, k_t, v_t, works, kernel: Kernel, scale: float, fresh=False) -> None:
@@ -39,38 +49,26 @@ def attend_(out_t, lse, q_t, k_t, v_t, works, kernel: Kernel, scale: float, fres
 
     out_t (b, h, n, d) and lse (b, h, n) are fp32 accumulators (views are fine); q_t, k_t,
     v_t are (b, h[_kv], s, d) views; ``works`` are BlockWork slices into them. ``fresh``: the
-    accumulators are uninitialised (``torch.empty``); a first block that covers every query
-    row is copied in (what merging it into out = 0, lse = -inf gives, bit for bit), else they
-    are set to that first.
+    accumulators are uninitialised and set by the first block (:func:`_init_`).
     """
-    for w in works:
+    copy = _init_(fresh, works, lambda w: w.q, (out_t, 0.0), (lse, float("-inf")))
+    for i, w in enumerate(works):
         o_b, lse_b = kernel.forward(
             q_t[:, :, w.q], k_t[:, :, w.kv], v_t[:, :, w.kv],
             causal=w.causal, scale=scale, mask=w.mask,
         )  # fmt: skip
-        if fresh and _covers(w.q, out_t.shape[2]):
+        if i == 0 and copy:
             out_t.copy_(o_b)
             lse.copy_(lse_b)
         else:
-            if fresh:
-                out_t.zero_()
-                lse.fill_(float("-inf"))
             merge_(out_t[:, :, w.q], lse[:, :, w.q], o_b, lse_b)
-        fresh = False
-    if fresh:
-        out_t.zero_()
-        lse.fill_(float("-inf"))
 
 
-def _accumulate_(acc, rows: slice, x, fresh: bool) -> None:
-    """``acc[:, :, rows] += x``; a ``fresh`` (uninitialised) acc is set first: to ``x`` when
-    ``rows`` covers it, else to zero."""
-    if fresh and _covers(rows, acc.shape[2]):
-        acc.copy_(x)
-        return
-    if fresh:
-        acc.zero_()
-    acc[:, :, rows] += x
+def _add_(acc, rows: slice, grad, copy: bool) -> None:
+    if copy:
+        acc.copy_(grad)
+    else:
+        acc[:, :, rows] += grad
 
 
 def attend_backward_(
@@ -79,21 +77,17 @@ def attend_backward_(
 ) -> None:  # fmt: skip
     """Add each scheduled pair's gradients into dq_t and dk_t/dv_t (fp32 views), using the
     FINAL out and lse of the query rows (exact per block). ``fresh_q`` / ``fresh_kv``: dq_t /
-    dk_t and dv_t are uninitialised and are set by their first block (see :func:`attend_`)."""
-    for w in works:
+    dk_t and dv_t are uninitialised and set by the first block (:func:`_init_`)."""
+    copy_q = _init_(fresh_q, works, lambda w: w.q, (dq_t, 0.0))
+    copy_kv = _init_(fresh_kv, works, lambda w: w.kv, (dk_t, 0.0), (dv_t, 0.0))
+    for i, w in enumerate(works):
         dq_b, dk_b, dv_b = kernel.backward(
             do_t[:, :, w.q], q_t[:, :, w.q], k_t[:, :, w.kv], v_t[:, :, w.kv],
             o_t[:, :, w.q], lse[:, :, w.q], causal=w.causal, scale=scale, mask=w.mask,
         )  # fmt: skip
-        _accumulate_(dq_t, w.q, dq_b, fresh_q)
-        _accumulate_(dk_t, w.kv, dk_b, fresh_kv)
-        _accumulate_(dv_t, w.kv, dv_b, fresh_kv)
-        fresh_q = fresh_kv = False
-    if fresh_q:  # no block at all
-        dq_t.zero_()
-    if fresh_kv:
-        dk_t.zero_()
-        dv_t.zero_()
+        _add_(dq_t, w.q, dq_b, i == 0 and copy_q)
+        _add_(dk_t, w.kv, dk_b, i == 0 and copy_kv)
+        _add_(dv_t, w.kv, dv_b, i == 0 and copy_kv)
 
 
 def ring_forward(q, k, v, *, scale: float, plan: RingPlan, ring: Ring, kernel: Kernel):

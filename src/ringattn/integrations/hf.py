@@ -55,7 +55,7 @@ SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 class _CP:
     """What one model's attention layers need: the same on every rank by construction."""
 
-    attend: Callable  # context_parallel_attention bound to group/mesh, layout, strategy, kernel
+    attend: Callable  # context_parallel_attention bound to everything but the tensors
     previous: str | None  # the attention implementation to restore in disable()
 
 
@@ -177,9 +177,9 @@ def enable(
     previous = model.config._attn_implementation
     if previous == NAME:  # enabled again (new group or strategy): keep what disable restores
         previous = next((_CONTEXTS[m].previous for m in mods if m in _CONTEXTS), None)
-    kw = dict(group=group, mesh=mesh, layout=layout, strategy=strategy, kernel=kernel)
-    kw["grad_precision"] = grad_precision
-    ctx = _CP(partial(context_parallel_attention, **kw), previous)
+    attend = partial(context_parallel_attention, group=group, mesh=mesh, layout=layout,
+                     strategy=strategy, kernel=kernel, grad_precision=grad_precision)  # fmt: skip
+    ctx = _CP(attend, previous)
     for m in mods:
         _CONTEXTS[m] = ctx
     _set_implementation(model, NAME)

@@ -21,7 +21,7 @@ from torch import nn
 
 import ringattn
 from ringattn.balance import PACKED
-from ringattn.kernels import GRAD_PRECISIONS
+from ringattn.kernels import check_grad_precision
 from ringattn.layouts import check_divisible
 
 __all__ = ["STRATEGIES", "CPAttention", "apply_cp", "local_doc_attention", "shard_batch"]
@@ -87,8 +87,8 @@ class CPAttention:
         return self._family(q, k, v, causal, None)
 
     def _family(self, q, k, v, causal: bool, cu: list[torch.Tensor] | None) -> torch.Tensor:
-        kw = dict(causal=causal, layout=self.layout, strategy=self.strategy, kernel=self.kernel)
-        kw["grad_precision"] = self.grad_precision
+        kw = dict(causal=causal, layout=self.layout, strategy=self.strategy, kernel=self.kernel,
+                  grad_precision=self.grad_precision)  # fmt: skip
         if cu is not None:
             kw["cu_seqlens"] = cu
         if self.strategy == "hybrid":
@@ -118,11 +118,7 @@ def apply_cp(
             "parallel.strategy='hybrid' needs cp split into ring x ulysses: set "
             "--parallel.ulysses to a divisor of cp (> 1)"
         )
-    if grad_precision not in GRAD_PRECISIONS:
-        raise ValueError(
-            f"parallel.grad_precision={grad_precision!r} is unknown; choose one of "
-            f"{GRAD_PRECISIONS}"
-        )
+    check_grad_precision(grad_precision)
     attn = CPAttention(
         cp_mesh.get_group(), cp_mesh.size(), layout, strategy, kernel, hybrid_mesh,
         grad_precision=grad_precision,

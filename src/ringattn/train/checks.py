@@ -217,14 +217,6 @@ def check_config(cfg: Config, world_size: int | None = None) -> None:
     _check_lengths(cfg)
     _check_batches(cfg)
     if cfg.data.kind == "retrieval":  # its token ids must fit the vocabulary
-        from ringattn.train.data import RetrievalTask
+        from ringattn.train.data import build_dataset
 
-        d = cfg.data
-        RetrievalTask(
-            needle=d.needle,
-            n_pairs=d.n_pairs,
-            n_keys=d.n_keys,
-            n_values=d.n_values,
-            n_filler=d.n_filler,
-            vocab_size=cfg.model.build().vocab_size,
-        )
+        build_dataset(cfg.data, cfg.model.build().vocab_size)
