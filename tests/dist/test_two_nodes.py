@@ -15,6 +15,7 @@ import uuid
 
 import pytest
 import torch
+from torch.distributed import TCPStore
 
 from tests.cli_errors import ROOT, run_cli
 from tests.dist.cases_train import fit_case
@@ -39,7 +40,12 @@ def _losses(run) -> list[float]:
 
 
 def _two_nodes(run) -> None:
-    endpoint = f"127.0.0.1:{free_port()}"
+    # The rendezvous store lives in this process, not in one of the agents: an agent that
+    # hosts it and exits first takes it away from the other agent, which may still be
+    # polling it (RendezvousConnectionError, exit code 1) although every worker succeeded.
+    port = free_port()
+    store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    endpoint = f"127.0.0.1:{port}"
     launcher = [
         sys.executable,
         "-m",
@@ -48,6 +54,7 @@ def _two_nodes(run) -> None:
         "--nproc-per-node=2",
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint={endpoint}",
+        "--rdzv-conf=is_host=false",
         f"--rdzv-id=two-nodes-{uuid.uuid4().hex[:8]}",
         "--local-addr=127.0.0.1",
         "-m",
@@ -74,8 +81,10 @@ def _two_nodes(run) -> None:
         for n in nodes:
             if n.poll() is None:
                 n.kill()
+        del store
     for n, out in zip(nodes, outs, strict=True):
         assert n.returncode == 0, out[-3000:]
+        assert "RendezvousConnectionError" not in out, out[-3000:]
 
 
 def _config(run) -> dict:
