@@ -20,14 +20,19 @@ $(STAMP): pyproject.toml | $(PY)
 	@touch $(STAMP)
 
 # The optional extras the tests exercise (transformers for ringattn.integrations.hf; tokenizers,
-# safetensors and pyarrow for prepare/export; ring-flash-attn for the peers tests), installed
+# safetensors and pyarrow for prepare/export; ring-flash-attn, ring-attention-pytorch, jax and
+# JAX's ringattention for the peers tests), installed
 # by `make test` only; their tests skip cleanly where they are absent. They must not replace
 # torch==2.13.0 (pip keeps an installed torch that satisfies them).
 EXTRAS := $(VENV)/.extras
-$(EXTRAS): $(STAMP)
+$(EXTRAS): $(STAMP) Makefile
 	$(PY) -m pip install -q -e ".[dev,bench,hf,data]" pyarrow torch==2.13.0
-	# a peer of `ringattn bench peers`; it pins nothing useful for CPU, so no deps (torch stays)
-	$(PY) -m pip install -q --no-deps ring-flash-attn==0.1.8
+	# peers of `ringattn bench peers`; they pin nothing useful for CPU, so no deps (torch
+	# stays); then ring-attention-pytorch's small pure-Python deps and jax (ringattention's
+	# flax is not needed: bench/peer_jax.py)
+	$(PY) -m pip install -q --no-deps ring-flash-attn==0.1.8 ring-attention-pytorch==0.5.20 \
+	  ringattention==0.1.2
+	$(PY) -m pip install -q einops beartype jaxtyping jax==0.10.2 torch==2.13.0
 	@touch $(EXTRAS)
 
 install: $(STAMP)

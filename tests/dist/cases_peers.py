@@ -41,3 +41,18 @@ def torch_cp_case(spec: dict) -> dict:
         out.backward(bufs[3])
         got = dict(out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad)
     return {n: t.transpose(1, 2).contiguous() for n, t in got.items()}
+
+
+def lucidrains_case(spec: dict) -> dict:
+    """ring-attention-pytorch's ring_flash_attn (striped, one bucket per rank) on this rank's
+    striped shards, as ``bench peers`` calls it."""
+    from ringattn.bench.peers import IMPLS
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sh = lambda x: ringattn.shard(x, "striped", rank=rank, world_size=world).clone()
+    q, k, v, dout = (sh(t) for t in make_inputs(spec))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    with IMPLS["ring-attention-pytorch"][1](world) as attn:
+        out = attn(q, k, v)
+    out.backward(dout)
+    return dict(out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad)

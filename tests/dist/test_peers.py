@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from tests.dist.cases import make_inputs
-from tests.dist.cases_peers import rfa_case, torch_cp_case
+from tests.dist.cases_peers import lucidrains_case, rfa_case, torch_cp_case
 from tests.dist.common import gather
 from tests.oracle import grads, rel_err
 
 HAVE_RFA = importlib.util.find_spec("ring_flash_attn") is not None
+HAVE_LUCIDRAINS = importlib.util.find_spec("ring_attention_pytorch") is not None
 NAMES = ("out", "dq", "dk", "dv")
 FP32_REL = 1e-4
 
@@ -26,13 +27,18 @@ def make_spec(world: int, dtype: str) -> dict:
     return dict(b=2, s=16 * world, h=4, hk=4, d=d, dtype=dtype, seed=7 * world + len(dtype))
 
 
-def errors(spec: dict, results: list[dict]) -> tuple[dict, dict]:
+def oracle(spec: dict) -> dict:
+    q, k, v, dout = make_inputs(spec)
+    ref_out, _, ref_g = grads(q, k, v, dout, dtype=torch.float64, causal=True)
+    return dict(zip(NAMES, (ref_out, *ref_g)))
+
+
+def errors(spec: dict, results: list[dict], layout="zigzag") -> tuple[dict, dict]:
     """Relative errors of the gathered results and of naive attention in the spec's dtype,
     both against the float64 oracle."""
     q, k, v, dout = make_inputs(spec)
-    ref_out, _, ref_g = grads(q, k, v, dout, dtype=torch.float64, causal=True)
-    refs = dict(zip(NAMES, (ref_out, *ref_g)))
-    got = {n: gather(results, n, "zigzag", 1) for n in NAMES}
+    refs = oracle(spec)
+    got = {n: gather(results, n, layout, 1) for n in NAMES}
     low = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]]
     n_out, _, n_g = grads(q, k, v, dout, dtype=low, causal=True)
     naive = dict(zip(NAMES, (n_out, *n_g)))
@@ -80,3 +86,21 @@ def test_ring_flash_attn_fp32_backward_aliases(pools, world):
     errs, _ = errors(spec, pools(world).run(rfa_case, spec))
     assert errs["out"] <= FP32_REL, errs
     assert errs["dq"] > 0.1, errs
+
+
+@pytest.mark.skipif(not HAVE_LUCIDRAINS, reason="ring_attention_pytorch not installed")
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_attention_pytorch_dk_dv_wrong(pools, world):
+    """ring-attention-pytorch 0.5.20 (striped, one bucket per rank; bf16 does not run on CPU,
+    see ``peers.UNSUPPORTED``): out and dq are exact, but its backward returns the last ring
+    pass's stacked (received, sent) pairs of (dk, dv), which autograd sums down to each input's
+    shape: dk comes back as the true dk + dv, and dv is wrong too. ``bench peers`` reports
+    WRONG; this pins the cause (and would see a fix)."""
+    spec = make_spec(world, "fp32")
+    results = pools(world).run(lucidrains_case, spec)
+    errs, _ = errors(spec, results, layout="striped")
+    assert errs["out"] <= FP32_REL and errs["dq"] <= FP32_REL, errs
+    assert errs["dk"] > 0.1 and errs["dv"] > 0.1, errs
+    ref = oracle(spec)
+    dk = gather(results, "dk", "striped", 1)
+    assert rel_err(dk, ref["dk"] + ref["dv"]) <= FP32_REL

@@ -250,6 +250,24 @@ def test_bench_oracle_matches_naive_autograd(causal):
         assert (got[name] - ref).abs().max() <= 1e-12, name
 
 
+def test_peer_note_rows(monkeypatch):
+    """Peers that did not run: not installed (one row), or installed but not in a dtype (one
+    row per dtype of the sweep)."""
+    rows = [problem(world=w, seq=64, dtype=d) for w in (2, 4) for d in ("fp32", "bf16")]
+    impls = ["ringattn-exact", "ring-attention-pytorch", "jax-ringattention"]
+    monkeypatch.setattr(peers, "_installed", lambda i: i == "ringattn-exact")
+    notes = [(n["impl"], n["status"]) for n in peers.note_rows(rows, impls)]
+    assert notes == [
+        ("ring-attention-pytorch", "skipped: ring_attention_pytorch not installed"),
+        ("jax-ringattention", "skipped: jax or ringattention not installed"),
+    ]
+    monkeypatch.setattr(peers, "_installed", lambda i: True)
+    (note,) = peers.note_rows(rows, impls)
+    assert note["impl"] == "ring-attention-pytorch" and note["dtype"] == "bf16"
+    assert note["status"].startswith("unsupported in bf16: ")
+    assert peers.runnable(impls, rows[1]) == ["ringattn-exact", "jax-ringattention"]
+
+
 def test_peer_rows_status_and_summary(tmp_path):
     row = problem(world=2, seq=64, heads=2, head_dim=8)
     naive = {f"naive_err_{n}": 1e-3 for n in harness.GRADS}
@@ -270,8 +288,7 @@ def test_peer_rows_status_and_summary(tmp_path):
     assert s["cp"] == 3.0  # the faster rotation
     assert s["exact_vs_cp"] == pytest.approx(1 / 3) and s["fast_vs_rfa"] == 0.25
     assert s["exact_vs_sdpa"] == 0.5
-    notes = peers.note_rows(row, ["ring-attention-pytorch"])
-    assert [n["impl"] for n in notes][-1] == "jax-ringattention"
+    notes = [dict(row, impl="jax-ringattention", layout="-", status="skipped: not installed")]
     all_rows = [dict(r, machine=MACHINE) for r in rows + notes]
     assert "WRONG dv 10x naive" in markdown_table(all_rows, peers.COLUMNS)
     assert "| 2 | 64 | fp32 | 1.000 | 3.000 | 0.33 |" in markdown_table([s], peers.SUMMARY)

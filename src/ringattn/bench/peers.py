@@ -1,7 +1,8 @@
 """``ringattn bench peers``: ringattn, ring-flash-attn 0.1.8 and PyTorch's native
 ``context_parallel`` (both on PyTorch's CPU flash op through :mod:`.peer_adapters`) and
-ring-attention-pytorch (when installed) in one run: same inputs, same zigzag shards, same gloo
-ranks (1 thread each), causal. Per impl: fwd+bwd time (median of --repeats after a warm-up)
+ring-attention-pytorch and JAX's ringattention (when installed) in one run: same inputs, same
+zigzag shards, same gloo ranks (1 thread each; JAX: W XLA CPU devices in a process of its own,
+:mod:`.peer_jax`), causal. Per impl: fwd+bwd time (median of --repeats after a warm-up)
 and max |error| of out, dq, dk, dv against a float64 oracle, next to single-process SDPA's
 error in the input dtype (naive). See docs/benchmarks.md.
 """
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from ..layouts import shard
 from ..ring import ring_attention
 from . import harness as h
-from . import output, peer_adapters
+from . import output, peer_adapters, peer_jax
 from .oracle import reference
 
 FP32_TOL = 1e-4  # relative to max |oracle|: the floor of "ok" (2x naive is the rule)
@@ -79,12 +80,24 @@ IMPLS = {  # name -> (layout, its context)
     "torch-cp-alltoall": ("zigzag", functools.partial(_torch_cp, "alltoall")),
     "ring-attention-pytorch": ("striped", _lucidrains),
 }
+JAX = "jax-ringattention"  # not on our ranks: its own process (peer_jax)
+LAYOUT = {i: lay for i, (lay, _) in IMPLS.items()} | {JAX: "contiguous"}
 TORCH_CP = ("torch-cp", "torch-cp-alltoall")
+# (impl, dtype) an impl cannot run, and why (seen on CPU, one process or several)
+UNSUPPORTED = {
+    ("ring-attention-pytorch", "bf16"): "its einsum multiplies fp32 softmax weights by bf16 V",
+}
 MODULES = {"ring-flash-attn": "ring_flash_attn", "ring-attention-pytorch": "ring_attention_pytorch"}
 
 
 def _installed(impl: str) -> bool:
+    if impl == JAX:
+        return peer_jax.installed()
     return importlib.util.find_spec(MODULES.get(impl, "torch")) is not None
+
+
+def runnable(impls, row: dict) -> list[str]:
+    return [i for i in impls if (i, row["dtype"]) not in UNSUPPORTED]
 
 
 def _run(impl: str, world: int, inputs: tuple, got: dict) -> dict:
@@ -95,9 +108,12 @@ def _run(impl: str, world: int, inputs: tuple, got: dict) -> dict:
     with IMPLS[impl][1](world) as attn:
         ql, kl, vl = (t.detach().requires_grad_() for t in (q, k, v))
         h.barrier()
-        with h.clock(m):
-            out = attn(ql, kl, vl)
-            out.backward(do)
+        try:
+            with h.clock(m):
+                out = attn(ql, kl, vl)
+                out.backward(do)
+        except Exception as e:  # the launcher stops the other ranks and prints this line
+            raise RuntimeError(f"{impl} failed ({e}); leave it out of --impls") from e
     got.update(out=out.detach(), dq=ql.grad, dk=kl.grad, dv=vl.grad)
     return m
 
@@ -106,8 +122,9 @@ def _rank(rank: int, world: int, rows: list[dict], bases: list[dict], impls, rep
     """Per problem and impl on this rank: median fwd+bwd wall time, the CPU time of its fastest
     run and max |x - oracle| on this rank's tokens. The impls take turns (a warm-up round, then
     ``repeats`` timed rounds), so a change in the machine's load falls on all of them alike."""
-    out = []
+    out, every = [], impls
     for row, base in zip(rows, bases):
+        impls = runnable(every, row)
         ref = torch.load(base["file"], mmap=True)  # the oracle (b, s, h, d) float64, lazily
         layouts = {IMPLS[i][0] for i in impls}
         inputs = {lay: h.local_inputs(row, rank, world, lay) for lay in layouts}
@@ -130,6 +147,14 @@ def _rank(rank: int, world: int, rows: list[dict], bases: list[dict], impls, rep
     return out
 
 
+def _jax(row: dict, base: dict, repeats: int, tmp: str) -> dict:
+    """JAX's ring in its own process: its times and max |x - oracle| (global order)."""
+    res = peer_jax.run(row, repeats, Path(tmp, "jax.pt"))
+    got, ref = torch.load(Path(tmp, "jax.pt")), torch.load(base["file"], mmap=True)
+    errs = {n: float((got[n].double() - ref[n]).abs().max()) for n in h.GRADS}
+    return dict(wall_s=res["wall_s"], cpu_s=res["cpu_s"], errs=errs)
+
+
 def _status(errs: dict, base: dict) -> str:
     """ok, or the tensors over max(2x naive, FP32_TOL x max |oracle|) and their err / naive."""
     naive = {n: base[f"naive_err_{n}"] for n in h.GRADS}
@@ -142,11 +167,11 @@ def impl_rows(row: dict, base: dict, res: list[dict], impls) -> list[dict]:
     """One row per impl for one problem: wall time and errors (max over ranks), CPU time (sum),
     the single-process SDPA time and the naive errors."""
     rows = []
-    for impl in impls:
+    for impl in runnable(impls, row):
         errs = {n: max(r[impl]["errs"][n] for r in res) for n in h.GRADS}
         wall = max(r[impl]["wall_s"] for r in res)
         rows.append(dict(
-            row, impl=impl, layout=IMPLS[impl][0], status=_status(errs, base), fwdbwd_s=wall,
+            row, impl=impl, layout=LAYOUT[impl], status=_status(errs, base), fwdbwd_s=wall,
             fwdbwd_cpu_s=sum(r[impl]["cpu_s"] for r in res), sdpa_s=base["sdpa_s"],
             vs_sdpa=wall / base["sdpa_s"], **{f"err_{n}": e for n, e in errs.items()},
             **{k: v for k, v in base.items() if k.startswith("naive_err_")},
@@ -154,13 +179,15 @@ def impl_rows(row: dict, base: dict, res: list[dict], impls) -> list[dict]:
     return rows
 
 
-def note_rows(row: dict, impls) -> list[dict]:
-    """Peers that did not run here, with the reason."""
-    notes = [(i, f"skipped: {MODULES[i]} not installed") for i in impls if not _installed(i)]
-    jax = importlib.util.find_spec("jax") is not None
-    why = "JAX installed; its ringattention peer is not wired up" if jax else "jax not installed"
-    notes.append(("jax-ringattention", f"skipped: {why}"))
-    return [dict(row, impl=i, layout="-", status=s) for i, s in notes]
+def note_rows(problems: list[dict], impls) -> list[dict]:
+    """Peers that did not run here, with the reason: not installed, or not in a dtype."""
+    row = problems[0]
+    missing = lambda i: "jax or ringattention" if i == JAX else MODULES[i]
+    notes = [(row, i, f"skipped: {missing(i)} not installed") for i in impls if not _installed(i)]
+    for r in {r["dtype"]: r for r in problems}.values():
+        notes += [(r, i, f"unsupported in {r['dtype']}: {UNSUPPORTED[(i, r['dtype'])]}")
+                  for i in impls if _installed(i) and i not in runnable([i], r)]  # fmt: skip
+    return [dict(r, impl=i, layout="-", status=s) for r, i, s in notes]
 
 
 COLUMNS = output.columns(
@@ -174,7 +201,8 @@ SUMMARY = output.columns(
     "fast_vs_rfa=fast / rfa:.2f; sdpa=SDPA s:.3f; exact_vs_sdpa=exact / SDPA:.2f"
 )
 NOTES = (
-    "W gloo ranks, 1 thread each, on {cores} cores; causal zigzag, {heads} heads x {head_dim}; "
+    "W gloo ranks, 1 thread each, on {cores} cores (JAX: W XLA CPU devices in one process, "
+    "contiguous); causal zigzag, {heads} heads x {head_dim}; "
     "fwd+bwd median of {repeats}. SDPA: single process, {cores} threads. err: max |x - float64 "
     "oracle|; ok: every err <= max(2x naive, {tol:g} x max |oracle|); naive: SDPA in the input "
     "dtype. torch CP: best of its rotate methods. Half-precision blocks run in fp32 on CPUs "
@@ -219,11 +247,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--heads", type=h.positive, default=8)
     p.add_argument("--head-dim", type=h.positive, default=64)
-    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
+    p.add_argument("--impls", nargs="+", default=list(LAYOUT), choices=list(LAYOUT))
     grid = lambda a: [h.problem(world=w, seq=s, dtype=d, heads=a.heads, head_dim=a.head_dim)
                       for w in a.world for s in a.seq for d in a.dtype]  # fmt: skip
     args = h.parse(p, argv, grid)  # zigzag: seq % 2W == 0, checked before any rank starts
-    impls = [i for i in dict.fromkeys(args.impls) if _installed(i)]
+    impls = [i for i in dict.fromkeys(args.impls) if _installed(i) and i != JAX]
+    jax = JAX in args.impls and _installed(JAX)
     torch.set_num_threads(output.cores())  # the single-process SDPA and the oracle
     rows, probs = [], lambda w: [r for r in args.problems if r["world"] == w]
     with tempfile.TemporaryDirectory() as tmp:
@@ -236,7 +265,9 @@ def main(argv: list[str]) -> int:
             res = h.run_ranks(_rank, w, probs(w), mine, impls, args.repeats, here=False)
             for j, (r, base) in enumerate(zip(probs(w), mine)):
                 rows += impl_rows(r, base, [x[j] for x in res], impls)
-    rows = output.stamp(rows + note_rows(args.problems[0], args.impls), "peers")
+                if jax:  # after the ranks are gone: its W devices get the cores to themselves
+                    rows += impl_rows(r, base, [{JAX: _jax(r, base, args.repeats, tmp)}], [JAX])
+    rows = output.stamp(rows + note_rows(args.problems, args.impls), "peers")
     native = "this one has them" if peer_adapters.cpu_half_is_native() else "this one has none"
     return output.report(rows, args, [(summary(rows), SUMMARY), COLUMNS], NOTES, plot,
                          tol=FP32_TOL, native=native)  # fmt: skip
