@@ -27,12 +27,12 @@ $(STAMP): pyproject.toml | $(PY)
 EXTRAS := $(VENV)/.extras
 $(EXTRAS): $(STAMP) Makefile
 	$(PY) -m pip install -q -e ".[dev,bench,hf,data]" pyarrow torch==2.13.0
-	# peers of `ringattn bench peers`; they pin nothing useful for CPU, so no deps (torch
-	# stays); then ring-attention-pytorch's small pure-Python deps and jax (ringattention's
-	# flax is not needed: bench/peer_jax.py)
+	# peers of `ringattn bench peers`: ring-attention-pytorch's small pure-Python deps and jax
+	# first, then the peers themselves without deps (they pin nothing useful for CPU, and
+	# ringattention's flax is not needed: bench/peer_jax.py), so torch stays
+	$(PY) -m pip install -q einops beartype jaxtyping jax==0.10.2 torch==2.13.0
 	$(PY) -m pip install -q --no-deps ring-flash-attn==0.1.8 ring-attention-pytorch==0.5.20 \
 	  ringattention==0.1.2
-	$(PY) -m pip install -q einops beartype jaxtyping jax==0.10.2 torch==2.13.0
 	@touch $(EXTRAS)
 
 install: $(STAMP)
