@@ -5,7 +5,6 @@ tokens/s per core-second (W ranks share the cores).
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -86,7 +85,7 @@ def run_one(a, cp: int) -> dict:
     row = dict(
         bench="train", preset=a.preset, cp=cp, strategy=a.strategy, layout=a.layout,
         dtype=a.dtype, seq=a.seq, steps_measured=len(steps), step_time_s=med("step_time_s"),
-        tokens_per_s=tok_s, tokens_per_core_s=tok_s * cp / min(cp, os.cpu_count() or 1),
+        tokens_per_s=tok_s, tokens_per_core_s=tok_s * cp / min(cp, output.cores()),
         tflops_per_rank=med("tflops_per_rank"), mfu=med("mfu"), peak_tflops=a.peak_tflops,
         peak_mem_mb_per_rank=summary["peak_mem_mb_per_rank"], final_loss=summary["final_loss"],
     )  # fmt: skip
