@@ -104,7 +104,7 @@ def _stand_in() -> dict[str, types.ModuleType]:
 
 
 @contextlib.contextmanager
-def _modules(mods: dict[str, types.ModuleType | None]):
+def modules_set(mods: dict[str, types.ModuleType | None]):
     """``sys.modules`` with ``mods`` set (None: absent) inside, exactly as before after."""
     saved = {n: sys.modules.get(n) for n in mods}
     try:
@@ -130,7 +130,7 @@ def ring_flash_attn_zigzag():
     shell = types.ModuleType("ring_flash_attn")
     shell.__path__, shell.__spec__ = list(spec.submodule_search_locations), spec
     names = ("ring_flash_attn.utils", "ring_flash_attn.zigzag_ring_flash_attn")
-    with _modules({**_stand_in(), "ring_flash_attn": shell, **dict.fromkeys(names)}):
+    with modules_set({**_stand_in(), "ring_flash_attn": shell, **dict.fromkeys(names)}):
         with warnings.catch_warnings():  # its utils use torch.jit.script, deprecated in 2.13
             warnings.simplefilter("ignore", DeprecationWarning)
             return importlib.import_module(names[1]).zigzag_ring_flash_attn_func

@@ -15,7 +15,6 @@ while it loads (not needed, not installed by us).
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
@@ -26,6 +25,8 @@ import types
 from pathlib import Path
 
 import torch
+
+from . import peer_adapters
 
 CHUNK = 512  # its query and key chunk (LWM's scan chunk sizes), or the local block if smaller
 
@@ -53,27 +54,17 @@ def run(row: dict, repeats: int, out_file: Path, chunk: int = CHUNK, timeout=360
 def _module():
     """``ringattention.ringattention_jax``, without the package ``__init__`` and with a
     stand-in ``flax`` in ``sys.modules`` only while it loads."""
-    stub = {n: types.ModuleType(n) for n in ("flax", "flax.linen", "flax.linen.partitioning")}
-    stub["flax"].linen, stub["flax.linen"].partitioning = (
-        stub["flax.linen"],
-        stub["flax.linen.partitioning"],
+    flax = {n: types.ModuleType(n) for n in ("flax", "flax.linen", "flax.linen.partitioning")}
+    flax["flax"].linen = flax["flax.linen"]
+    flax["flax.linen"].partitioning = flax["flax.linen.partitioning"]
+    root = importlib.util.find_spec("ringattention").submodule_search_locations[0]
+    spec = importlib.util.spec_from_file_location(
+        "_ringattention_jax", Path(root, "ringattention_jax.py")
     )
-    saved = {n: sys.modules.get(n) for n in stub}
-    sys.modules.update(stub)
-    try:
-        root = importlib.util.find_spec("ringattention").submodule_search_locations[0]
-        spec = importlib.util.spec_from_file_location(
-            "_ringattention_jax", Path(root, "ringattention_jax.py")
-        )
-        mod = importlib.util.module_from_spec(spec)
+    mod = importlib.util.module_from_spec(spec)
+    with peer_adapters.modules_set(flax):
         spec.loader.exec_module(mod)
-        return mod
-    finally:
-        for n, m in saved.items():
-            with contextlib.suppress(KeyError):
-                del sys.modules[n]
-            if m is not None:
-                sys.modules[n] = m
+    return mod
 
 
 def _child(spec: dict) -> dict:

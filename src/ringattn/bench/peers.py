@@ -184,7 +184,7 @@ def note_rows(problems: list[dict], impls) -> list[dict]:
     row = problems[0]
     missing = lambda i: "jax or ringattention" if i == JAX else MODULES[i]
     notes = [(row, i, f"skipped: {missing(i)} not installed") for i in impls if not _installed(i)]
-    for r in {r["dtype"]: r for r in problems}.values():
+    for r in {r["dtype"]: r for r in reversed(problems)}.values():  # each dtype's first
         notes += [(r, i, f"unsupported in {r['dtype']}: {UNSUPPORTED[(i, r['dtype'])]}")
                   for i in impls if _installed(i) and i not in runnable([i], r)]  # fmt: skip
     return [dict(r, impl=i, layout="-", status=s) for r, i, s in notes]
