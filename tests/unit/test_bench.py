@@ -251,21 +251,28 @@ def test_bench_oracle_matches_naive_autograd(causal):
 
 
 def test_peer_note_rows(monkeypatch):
-    """Peers that did not run: not installed (one row), or installed but not in a dtype (one
-    row per dtype of the sweep)."""
+    """Peers that did not run: not installed (one row), or installed but not on a problem (a
+    row for each): ring-attention-pytorch in bf16, or when its one bucket of scores per rank
+    would not fit in half the free memory."""
     rows = [problem(world=w, seq=64, dtype=d) for w in (2, 4) for d in ("fp32", "bf16")]
     impls = ["ringattn-exact", "ring-attention-pytorch", "jax-ringattention"]
     monkeypatch.setattr(peers, "_installed", lambda i: i == "ringattn-exact")
-    notes = [(n["impl"], n["status"]) for n in peers.note_rows(rows, impls)]
+    notes = [(n["impl"], n["status"]) for n in peers.note_rows(rows, impls, 2**40)]
     assert notes == [
         ("ring-attention-pytorch", "skipped: ring_attention_pytorch not installed"),
         ("jax-ringattention", "skipped: jax or ringattention not installed"),
     ]
     monkeypatch.setattr(peers, "_installed", lambda i: True)
-    (note,) = peers.note_rows(rows, impls)
-    assert note["impl"] == "ring-attention-pytorch" and note["dtype"] == "bf16"
-    assert note["status"].startswith("unsupported in bf16: ")
-    assert peers.runnable(impls, rows[1]) == ["ringattn-exact", "jax-ringattention"]
+    notes = peers.note_rows(rows, impls, 2**40)
+    assert [(n["world"], n["dtype"]) for n in notes] == [(2, "bf16"), (4, "bf16")]
+    assert all(n["impl"] == "ring-attention-pytorch" for n in notes)
+    assert notes[0]["status"].startswith("unsupported in bf16: ")
+    big = problem(world=2, seq=16384)  # 8 x (8 heads x 8192^2) fp32 per rank, 2 ranks: 32 GiB
+    assert peers.why_not("ring-attention-pytorch", big, 2**40) is None
+    assert peers.why_not("ring-attention-pytorch", big, 22 * 2**30) == (
+        "skipped: needs ~32 GiB (one bucket of scores per rank)"
+    )
+    assert peers.why_not("ringattn-exact", big, 1) is None
 
 
 def test_peer_rows_status_and_summary(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -83,10 +84,6 @@ IMPLS = {  # name -> (layout, its context)
 JAX = "jax-ringattention"  # not on our ranks: its own process (peer_jax)
 LAYOUT = {i: lay for i, (lay, _) in IMPLS.items()} | {JAX: "contiguous"}
 TORCH_CP = ("torch-cp", "torch-cp-alltoall")
-# (impl, dtype) an impl cannot run, and why (seen on CPU, one process or several)
-UNSUPPORTED = {
-    ("ring-attention-pytorch", "bf16"): "its einsum multiplies fp32 softmax weights by bf16 V",
-}
 MODULES = {"ring-flash-attn": "ring_flash_attn", "ring-attention-pytorch": "ring_attention_pytorch"}
 
 
@@ -96,8 +93,26 @@ def _installed(impl: str) -> bool:
     return importlib.util.find_spec(MODULES.get(impl, "torch")) is not None
 
 
-def runnable(impls, row: dict) -> list[str]:
-    return [i for i in impls if (i, row["dtype"]) not in UNSUPPORTED]
+def why_not(impl: str, row: dict, mem_bytes: float) -> str | None:
+    """Why ``impl`` is not run on ``row`` with ``mem_bytes`` of free memory, or None."""
+    if impl == "ring-attention-pytorch":
+        if row["dtype"] != "fp32":  # seen on CPU, in one process or several
+            dt = row["dtype"]
+            return f"unsupported in {dt}: its einsum multiplies fp32 softmax weights by {dt} V"
+        # one bucket per rank: ~8 (b, h, s/W, s/W) fp32 score-sized tensors live per rank
+        need = (
+            row["world"] * 8 * row["batch"] * row["heads"] * (row["seq"] // row["world"]) ** 2 * 4
+        )
+        if need > mem_bytes / 2:
+            return f"skipped: needs ~{need / 2**30:.0f} GiB (one bucket of scores per rank)"
+    return None
+
+
+def free_memory() -> float:
+    """Bytes of free physical memory now (Linux; elsewhere: unlimited)."""
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return float("inf")
 
 
 def _run(impl: str, world: int, inputs: tuple, got: dict) -> dict:
@@ -118,13 +133,16 @@ def _run(impl: str, world: int, inputs: tuple, got: dict) -> dict:
     return m
 
 
-def _rank(rank: int, world: int, rows: list[dict], bases: list[dict], impls, repeats) -> list:
-    """Per problem and impl on this rank: median fwd+bwd wall time, the CPU time of its fastest
-    run and max |x - oracle| on this rank's tokens. The impls take turns (a warm-up round, then
+def _rank(rank: int, world: int, rows: list[dict], bases: list[dict], plan, repeats) -> list:
+    """Per problem and impl (``plan``: each row's impls, decided in the parent) on this rank:
+    median fwd+bwd wall time, the CPU time of its fastest run and max |x - oracle| on this
+    rank's tokens. The impls take turns (a warm-up round, then
     ``repeats`` timed rounds), so a change in the machine's load falls on all of them alike."""
-    out, every = [], impls
-    for row, base in zip(rows, bases):
-        impls = runnable(every, row)
+    out = []
+    for row, base, impls in zip(rows, bases, plan):
+        if not impls:  # none of them runs on this problem
+            out.append({})
+            continue
         ref = torch.load(base["file"], mmap=True)  # the oracle (b, s, h, d) float64, lazily
         layouts = {IMPLS[i][0] for i in impls}
         inputs = {lay: h.local_inputs(row, rank, world, lay) for lay in layouts}
@@ -167,7 +185,7 @@ def impl_rows(row: dict, base: dict, res: list[dict], impls) -> list[dict]:
     """One row per impl for one problem: wall time and errors (max over ranks), CPU time (sum),
     the single-process SDPA time and the naive errors."""
     rows = []
-    for impl in runnable(impls, row):
+    for impl in impls:
         errs = {n: max(r[impl]["errs"][n] for r in res) for n in h.GRADS}
         wall = max(r[impl]["wall_s"] for r in res)
         rows.append(dict(
@@ -179,15 +197,15 @@ def impl_rows(row: dict, base: dict, res: list[dict], impls) -> list[dict]:
     return rows
 
 
-def note_rows(problems: list[dict], impls) -> list[dict]:
-    """Peers that did not run here, with the reason: not installed, or not in a dtype."""
+def note_rows(problems: list[dict], impls, mem_bytes: float) -> list[dict]:
+    """Peers that did not run here, with the reason: not installed (one row), or not on a
+    problem (a row for each)."""
     row = problems[0]
     missing = lambda i: "jax or ringattention" if i == JAX else MODULES[i]
     notes = [(row, i, f"skipped: {missing(i)} not installed") for i in impls if not _installed(i)]
-    for r in {r["dtype"]: r for r in reversed(problems)}.values():  # each dtype's first
-        notes += [(r, i, f"unsupported in {r['dtype']}: {UNSUPPORTED[(i, r['dtype'])]}")
-                  for i in impls if _installed(i) and i not in runnable([i], r)]  # fmt: skip
-    return [dict(r, impl=i, layout="-", status=s) for r, i, s in notes]
+    for r in problems:
+        notes += [(r, i, why_not(i, r, mem_bytes)) for i in impls if _installed(i)]
+    return [dict(r, impl=i, layout="-", status=s) for r, i, s in notes if s]
 
 
 COLUMNS = output.columns(
@@ -255,6 +273,8 @@ def main(argv: list[str]) -> int:
     jax = JAX in args.impls and _installed(JAX)
     torch.set_num_threads(output.cores())  # the single-process SDPA and the oracle
     rows, probs = [], lambda w: [r for r in args.problems if r["world"] == w]
+    mem = free_memory()  # decided once, here: every rank must run the same impls
+    plan = lambda r, impls: [i for i in impls if why_not(i, r, mem) is None]
     with tempfile.TemporaryDirectory() as tmp:
         # one float64 oracle per (seq, dtype), for every W; the ranks read their shards of it
         keys = {(r["seq"], r["dtype"]): r for r in args.problems}
@@ -262,12 +282,13 @@ def main(argv: list[str]) -> int:
                  for i, (k, r) in enumerate(keys.items())}  # fmt: skip
         for w in dict.fromkeys(args.world):
             mine = [bases[(r["seq"], r["dtype"])] for r in probs(w)]
-            res = h.run_ranks(_rank, w, probs(w), mine, impls, args.repeats, here=False)
+            plans = [plan(r, impls) for r in probs(w)]
+            res = h.run_ranks(_rank, w, probs(w), mine, plans, args.repeats, here=False)
             for j, (r, base) in enumerate(zip(probs(w), mine)):
-                rows += impl_rows(r, base, [x[j] for x in res], impls)
+                rows += impl_rows(r, base, [x[j] for x in res], plans[j])
                 if jax:  # after the ranks are gone: its W devices get the cores to themselves
                     rows += impl_rows(r, base, [{JAX: _jax(r, base, args.repeats, tmp)}], [JAX])
-    rows = output.stamp(rows + note_rows(args.problems, args.impls), "peers")
+    rows = output.stamp(rows + note_rows(args.problems, args.impls, mem), "peers")
     native = "this one has them" if peer_adapters.cpu_half_is_native() else "this one has none"
     return output.report(rows, args, [(summary(rows), SUMMARY), COLUMNS], NOTES, plot,
                          tol=FP32_TOL, native=native)  # fmt: skip
