@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import resource
 import weakref
 
@@ -20,6 +21,7 @@ __all__ = [
     "MIB",
     "LiveBytes",
     "SavedBytes",
+    "free_mib",
     "measure_call",
     "peak_rss_mib",
     "prepare_rss",
@@ -34,6 +36,14 @@ def peak_rss_mib() -> float:
     """The process's peak resident set since it started (``ru_maxrss`` KiB / 1024; unlike
     ``VmHWM``, :func:`reset_peak_rss` does not reset it)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def free_mib() -> float:
+    """Free physical memory of the machine now, in MiB (``inf`` where the OS does not say).
+    Not counted: memory the kernel would give back from its caches."""
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / MIB
+    return float("inf")
 
 
 def rss_mib(field: str = "VmRSS") -> float | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 
 import pytest
@@ -48,3 +49,8 @@ def test_saved_bytes_skips_parameters():
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
         (x @ w).sum().backward()
     assert saved.mib == pytest.approx(0.25)
+
+
+def test_free_mib_is_some_of_the_machine():
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / memstat.MIB
+    assert 0 < memstat.free_mib() <= total
