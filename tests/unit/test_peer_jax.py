@@ -19,10 +19,11 @@ pytestmark = pytest.mark.skipif(not peer_jax.installed(), reason="jax/ringattent
 
 @pytest.mark.parametrize(
     ("world", "dtype", "chunk"),
-    [(2, "fp32", 512), (4, "fp32", 512), (2, "bf16", 512), (2, "fp32", 16)],
+    [(2, "fp32", 512), (4, "fp32", 512), (2, "bf16", 512), (2, "fp32", 24)],
 )
 def test_jax_ring_matches_oracle(world, dtype, chunk, tmp_path):
-    """64 tokens per device: one chunk per block, or (chunk 16) four, the masked ones skipped."""
+    """64 tokens per device: one chunk per block, or (at most 24: 16, the largest divisor of
+    64) four, the masked ones skipped."""
     row = h.problem(world=world, seq=64 * world, dtype=dtype, heads=2, head_dim=16)
     times = peer_jax.run(row, 1, tmp_path / "jax.pt", chunk=chunk, timeout=600)
     assert times["wall_s"] > 0 and times["cpu_s"] > 0
@@ -51,3 +52,15 @@ def test_failing_child_raises_with_its_error(tmp_path):
     row = h.problem(world=2, seq=64, heads=2, head_dim=16, dtype="fp16")  # not a jax dtype here
     with pytest.raises(RuntimeError, match="(?s)jax-ringattention failed: .*KeyError"):
         peer_jax.run(row, 1, tmp_path / "x.pt", timeout=600)
+
+
+def test_a_failing_jax_run_is_a_row_not_a_lost_sweep(monkeypatch, tmp_path):
+    from ringattn.bench import peers
+
+    def fail(*a, **k):
+        raise RuntimeError("jax-ringattention failed: Traceback ...\nXlaRuntimeError: OOM")
+
+    monkeypatch.setattr(peer_jax, "run", fail)
+    row = h.problem(world=2, seq=64, heads=2, head_dim=16)
+    (got,) = peers.jax_rows(row, {}, 1, str(tmp_path))
+    assert got["impl"] == "jax-ringattention" and got["status"] == "failed: XlaRuntimeError: OOM"

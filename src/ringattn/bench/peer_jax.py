@@ -28,7 +28,7 @@ import torch
 
 from . import peer_adapters
 
-CHUNK = 512  # its query and key chunk (LWM's scan chunk sizes), or the local block if smaller
+CHUNK = 512  # its query and key chunk at most (LWM's scan chunk size)
 
 
 def installed() -> bool:
@@ -74,11 +74,13 @@ def _child(spec: dict) -> dict:
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from .harness import make_inputs
+    from .harness import GRADS, make_inputs
 
     row, ring = spec["row"], _module()
     w, dtype = row["world"], {"fp32": jnp.float32, "bf16": jnp.bfloat16}[row["dtype"]]
-    chunk = min(spec["chunk"], row["seq"] // w)
+    # its scans reshape a block into whole chunks: the largest divisor of the block <= chunk
+    local = row["seq"] // w
+    chunk = next(c for c in range(min(spec["chunk"], local), 0, -1) if local % c == 0)
     opts = dict(causal_block_size=1, query_chunk_size=chunk, key_chunk_size=chunk,
                 deterministic=True, dropout_rng=None, attn_pdrop=0.0, dtype=dtype,
                 policy=jax.checkpoint_policies.nothing_saveable, precision=None,
@@ -104,10 +106,9 @@ def _child(spec: dict) -> dict:
         got = jax.block_until_ready(fwd_bwd(*args))
         walls.append(time.perf_counter() - t0)
         cpus.append(time.process_time() - c0)
-    to_torch = lambda x: torch.from_numpy(np.asarray(x, np.float32)).to(torch.float32)
     tdt = {"fp32": torch.float32, "bf16": torch.bfloat16}[row["dtype"]]
-    names = ("out", "dq", "dk", "dv")
-    torch.save({n: to_torch(x).to(tdt) for n, x in zip(names, got)}, spec["out"])
+    to_torch = lambda x: torch.from_numpy(np.asarray(x, np.float32)).to(tdt)  # bf16: exact
+    torch.save({n: to_torch(x) for n, x in zip(GRADS, got)}, spec["out"])
     return dict(wall_s=float(np.median(walls)), cpu_s=min(cpus), version=jax.__version__)
 
 

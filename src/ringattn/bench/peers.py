@@ -13,6 +13,7 @@ import contextlib
 import functools
 import importlib.util
 import statistics
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -159,12 +160,18 @@ def _rank(rank: int, world: int, rows: list[dict], bases: list[dict], plan, repe
     return out
 
 
-def _jax(row: dict, base: dict, repeats: int, tmp: str) -> dict:
-    """JAX's ring in its own process: its times and max |x - oracle| (global order)."""
-    res = peer_jax.run(row, repeats, Path(tmp, "jax.pt"))
+def jax_rows(row: dict, base: dict, repeats: int, tmp: str) -> list[dict]:
+    """JAX's ring in its own process: its row (times, max |x - oracle| in global order), or
+    a row saying why it failed. It runs in the parent, so a failure costs only its row."""
+    try:
+        res = peer_jax.run(row, repeats, Path(tmp, "jax.pt"))
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        why = str(e).strip().splitlines()[-1]
+        return [dict(row, impl=JAX, layout=LAYOUT[JAX], status=f"failed: {why}")]
     got, ref = torch.load(Path(tmp, "jax.pt")), torch.load(base["file"], mmap=True)
     errs = {n: float((got[n].double() - ref[n]).abs().max()) for n in h.GRADS}
-    return dict(wall_s=res["wall_s"], cpu_s=res["cpu_s"], errs=errs)
+    res = dict(wall_s=res["wall_s"], cpu_s=res["cpu_s"], errs=errs)
+    return impl_rows(row, base, [{JAX: res}], [JAX])
 
 
 def _status(errs: dict, base: dict) -> str:
@@ -281,7 +288,7 @@ def main(argv: list[str]) -> int:
             for j, (r, base) in enumerate(zip(probs(w), mine)):
                 rows += impl_rows(r, base, [x[j] for x in res], plans[j])
                 if jax:  # after the ranks are gone: its W devices get the cores to themselves
-                    rows += impl_rows(r, base, [{JAX: _jax(r, base, args.repeats, tmp)}], [JAX])
+                    rows += jax_rows(r, base, args.repeats, tmp)
     rows = output.stamp(rows + note_rows(args.problems, args.impls, mem), "peers")
     native = "this one has them" if peer_adapters.cpu_half_is_native() else "this one has none"
     return output.report(rows, args, [(summary(rows), SUMMARY), COLUMNS], NOTES, plot,
