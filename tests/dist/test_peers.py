@@ -92,7 +92,7 @@ def test_ring_flash_attn_fp32_backward_aliases(pools, world):
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_attention_pytorch_dk_dv_wrong(pools, world):
     """ring-attention-pytorch 0.5.20 (striped, one bucket per rank; bf16 does not run on CPU,
-    see ``peers.UNSUPPORTED``): out and dq are exact, but its backward returns the last ring
+    see ``peers.why_not``): out and dq are exact, but its backward returns the last ring
     pass's stacked (received, sent) pairs of (dk, dv), which autograd sums down to each input's
     shape: dk comes back as the true dk + dv, and dv is wrong too. ``bench peers`` reports
     WRONG; this pins the cause (and would see a fix)."""
