@@ -1,8 +1,9 @@
 """``ringattn`` command line: train | bench | plan | simulate | demo | check | prepare |
-export."""
+export; and the parser every one of them uses."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 USAGE = """usage: ringattn <command> [options]
@@ -19,6 +20,26 @@ commands:
   prepare     tokenize documents (.txt/.jsonl/.parquet) into a token dataset (`--help`)
   export      a training checkpoint -> Hugging Face LlamaForCausalLM folder (`--help`)
 """
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage error is a one-line ``ValueError`` naming the option and the fix;
+    :func:`main` prints it as ``ringattn <command>: ...`` (exit 2), as it does the config and
+    input checks, so every command fails the same way."""
+
+    def error(self, message: str):
+        raise ValueError(f"{message} (see {self.prog} --help)")
+
+
+def positive(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return n
 
 
 COMMANDS = ("train", "bench", "plan", "simulate", "demo", "check", "prepare", "export")

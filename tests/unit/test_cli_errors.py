@@ -35,6 +35,15 @@ ROWS = [
     (["demo", "--data.seq_len=8190"], "data.seq_len=8190"),
     (["demo", "--parallel.cp=0"], "parallel.cp=0"),
     (["trian"], "'trian'"),
+    # every command's parser (``ringattn.cli.Parser``): the same one line, the option named
+    (["plan", "--devices", "x"], "ringattn plan: argument --devices: invalid int value: 'x'"),
+    (["simulate", "--layout", "snake"], "ringattn simulate: argument --layout: invalid choice"),
+    (
+        ["prepare", "--tokenizer", "t", "--input", "i", "--out", "o", "--workers", "0"],
+        "ringattn prepare: argument --workers: must be a positive integer, got '0'",
+    ),
+    (["export", "--out", "o"], "ringattn export: the following arguments are required"),
+    (["bench", "nope"], "ringattn bench: unknown benchmark 'nope'"),
 ]
 
 

@@ -6,7 +6,7 @@ per rank, communication wait and bytes, peak RSS; ``cpu_ratio`` = ring CPU / SDP
 from __future__ import annotations
 
 import itertools
-import sys
+from collections.abc import Iterator
 
 import torch
 
@@ -53,8 +53,7 @@ def _time_row(row: dict, rank: int, world: int, repeats: int) -> dict:
         return dict(m, wait_fwd_s=c_fwd.wait_s, wait_fwdbwd_s=c_all.wait_s,
                     bytes_fwd=c_fwd.total_bytes, bytes_fwdbwd=c_all.total_bytes)  # fmt: skip
 
-    best = h.timed(run, repeats, key="fwdbwd_s")[0]
-    return dict(best, peak_rss_mb=peak_rss_mib())
+    return dict(h.timed(run, repeats, key="fwdbwd_s")[0], peak_rss_mb=peak_rss_mib())
 
 
 def time_rows(rank: int, world: int, rows: list[dict], repeats: int) -> list[dict]:
@@ -62,14 +61,13 @@ def time_rows(rank: int, world: int, rows: list[dict], repeats: int) -> list[dic
     return [_time_row(row, rank, world, repeats) for row in rows]
 
 
-def measure(rows: list[dict], repeats=1, threads=1, reference=True, on_row=None) -> list[dict]:
+def measure(rows: list[dict], repeats=1, threads=1, reference=True) -> Iterator[dict]:
     """Run ``rows`` (any mix of world sizes): one launch of W local gloo ranks per W (W = 1
     runs here, without a process group), plus the single-process SDPA reference of each
-    global problem, timed once per problem in this process. Returns summarized rows in
-    launch order; ``on_row(row)`` sees each as soon as it is ready."""
+    global problem, timed once per problem in this process. Yields summarized rows in
+    launch order, each as soon as it is ready."""
     torch.set_num_threads(threads)
     refs: dict = {}  # the global problem -> its SDPA timings, so sweeps over W time it once
-    results = []
     for w in sorted({r["world"] for r in rows}):
         mine = [r for r in rows if r["world"] == w]
         ranks = h.run_ranks(time_rows, w, mine, repeats, threads=threads)
@@ -77,10 +75,7 @@ def measure(rows: list[dict], repeats=1, threads=1, reference=True, on_row=None)
             key = tuple(row[k] for k in GLOBAL_PROBLEM)
             if reference and key not in refs:
                 refs[key] = h.sdpa_reference(row, repeats)
-            results.append(summarize(row, [r[i] for r in ranks], refs.get(key)))
-            if on_row is not None:
-                on_row(results[-1])
-    return results
+            yield summarize(row, [r[i] for r in ranks], refs.get(key))
 
 
 def summarize(row: dict, ranks: list[dict], ref: dict | None) -> dict:
@@ -125,10 +120,6 @@ COLUMNS = output.columns(
 )
 
 
-def table(rows: list[dict]) -> str:
-    return output.markdown_table(rows, COLUMNS)
-
-
 def parse(argv: list[str]):
     p = h.parser("bench attention", __doc__, repeats=1)
     h.problem_args(p, world=[2, 4], seq=[4096], many=("world", "seq", "layout", "dtype"),
@@ -158,7 +149,5 @@ def rows_for(args) -> list[dict]:
 
 def main(argv: list[str]) -> int:
     args = parse(argv)
-    sink = output.row_sink(args.out)
-    results = measure(args.problems, args.repeats, args.threads, not args.no_reference, sink)
-    print(table(results), file=sys.stdout if args.out else sys.stderr)
-    return 0
+    rows = measure(args.problems, args.repeats, args.threads, not args.no_reference)
+    return output.stream(rows, args.out, COLUMNS)

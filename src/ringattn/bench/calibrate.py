@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 
 from ..plan.fit import core_share, fit_link, predict, rel_err
-from ..schedule import attention_flops
 from . import harness as h
 from . import output
 from .attention import summarize, time_rows
@@ -140,10 +139,8 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     n_cores = output.cores()
     rates = {r["world"]: kernel_rates(r, r["seq"] // r["world"]) for r in rows}
-    replays, probes, measured = {}, {}, {}
-    for row in rows:
-        flops = attention_flops(row["layout"], row["world"], row["seq"], row["causal"])
-        replays[row["world"]] = replay_rank(row, flops.index(max(flops)))
+    replays = {r["world"]: replay_rank(r) for r in rows}  # the busiest rank's kernel calls
+    probes, measured = {}, {}
     for row in rows:
         w = row["world"]
         probes[w] = probe_share()  # how busy the machine is, just before this launch

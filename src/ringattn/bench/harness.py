@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from ..cli import Parser, positive
 from ..kernels import KERNELS
 from ..launch import init_distributed, launch
 from ..layouts import LAYOUTS, permutation, shard
@@ -24,13 +25,6 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GRADS = ("out", "dq", "dk", "dv")
 
 # --- arguments, checked in the parent -------------------------------------------------------
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose errors are ONE line on stderr: the option, what is wrong, the fix."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def parser(name: str, doc: str | None, out: str | None = None, repeats: int = 0) -> Parser:
@@ -52,17 +46,6 @@ def parse(p: argparse.ArgumentParser, argv: list[str], problems: Callable, **opt
     args.problems = problems(args)
     check_problems(p, args.problems, **opts)
     return args
-
-
-def positive(text: str) -> int:
-    """argparse type: an int >= 1."""
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return n
 
 
 def problem_args(

@@ -70,17 +70,15 @@ def _linearity(rows: list[dict]) -> list[dict]:
     first = next((r for r in rows if r["max_seq"] > 0), None)
     for r in rows:
         r["per_rank"] = r["max_seq"] / r["world"]
-        ok = first is not None and first["max_seq"] > 0
-        r["vs_linear"] = r["per_rank"] / (first["max_seq"] / first["world"]) if ok else None
+        r["vs_linear"] = r["per_rank"] / (first["max_seq"] / first["world"]) if first else None
     return rows
 
 
-def _series(rows: list[dict], kind: str, key: str) -> dict:
-    """(impl, W) or another ``key`` -> the rows of ``kind`` with it, sorted by seq/world."""
+def _series(rows: list[dict], kind: str, key=lambda r: (r["impl"], r["world"])) -> dict:
+    """key(row) (default: (impl, W)) -> the rows of ``kind`` with it, sorted by seq, W."""
     out: dict = {}
-    for r in rows:
-        if r.get("kind") == kind:
-            out.setdefault(key(r) if callable(key) else r[key], []).append(r)
+    for r in (r for r in rows if r.get("kind") == kind):
+        out.setdefault(key(r), []).append(r)
     return {k: sorted(v, key=lambda r: (r.get("seq", 0), r["world"])) for k, v in out.items()}
 
 
@@ -91,9 +89,7 @@ def max_context_rows(rows: list[dict], budget_mb: float, align: int = 1) -> list
     no receive buffers and is not on the same line.
     """
     out = []
-    for (impl, w), mine in sorted(
-        _series(rows, "measure", lambda r: (r["impl"], r["world"])).items()
-    ):
+    for (impl, w), mine in sorted(_series(rows, "measure").items()):
         seqs, peaks = [r["seq"] for r in mine], [r["peak_total_mb"] for r in mine]
         a, b, seq = fit_budget(seqs, peaks, budget_mb, step=align * w)
         source = "measured fit" if impl == "ring" else "measured fit (SDPA)"
@@ -141,9 +137,7 @@ NOTES = (
 
 def plot(rows: list[dict], path: str) -> None:
     fig, axes = output.figure(2, figsize=(10, 4))
-    for (impl, w), mine in sorted(
-        _series(rows, "measure", lambda r: (r["impl"], r["world"])).items()
-    ):
+    for (impl, w), mine in sorted(_series(rows, "measure").items()):
         label, style = ("SDPA, 1 process", "k--o") if impl == "sdpa" else (f"ring W={w}", "-o")
         axes[0].plot(
             [r["seq"] for r in mine], [r["peak_total_mb"] for r in mine], style, label=label
@@ -151,7 +145,7 @@ def plot(rows: list[dict], path: str) -> None:
     output.style(axes[0], "global sequence (tokens)", "peak MB per rank (inputs + live tensors)",
             "per-rank peak memory, attention fwd+bwd", logx=2, logy=2)  # fmt: skip
     ctx = [r for r in rows if r["impl"] == "ring" and r.get("max_seq", 0) > 0]
-    for src, mine in _series(ctx, "max_context", "source").items():
+    for src, mine in _series(ctx, "max_context", lambda r: r["source"]).items():
         ws = [r["world"] for r in mine]
         line = axes[1].plot(ws, [r["max_seq"] for r in mine], "-o", label=src)
         s0, w0 = mine[-1]["max_seq"], ws[-1]  # dotted: linear in W through the last point
@@ -171,12 +165,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--plan-model", nargs="+", default=["tiny", "llama-7b"], choices=PRESETS)
     p.add_argument("--plan-hardware", default="a100-nvlink", choices=[*HARDWARE, "cpu"])
     p.add_argument("--plan-world", type=h.positive, nargs="+", default=[2, 4, 8, 16])
-    worlds = lambda a: sorted(set(a.world))
-    grid = lambda a: [
-        h.problem_of(a, world=w, seq=s, impl="ring") for w in worlds(a) for s in a.seq
-    ]
-    args = h.parse(p, argv, grid)
-    probs = {w: [r for r in args.problems if r["world"] == w] for w in worlds(args)}
+    args = h.parse(p, argv, lambda a: [h.problem_of(a, world=w, seq=s, impl="ring")
+                                       for w in sorted(set(a.world)) for s in a.seq])  # fmt: skip
+    probs: dict = {}  # W -> its rows
+    for r in args.problems:
+        probs.setdefault(r["world"], []).append(r)
     if 1 in probs and not args.no_sdpa:  # in this process: the one-rank ring, then SDPA
         probs[1] += [dict(r, impl="sdpa") for r in probs[1]]
     torch.set_num_threads(1)

@@ -73,11 +73,15 @@ def write_rows(rows: Iterable[dict], path: str | None) -> None:
             f.write(json.dumps(r) + "\n")
 
 
-def row_sink(path: str | None) -> Callable[[dict], None]:
-    """Writes each row as soon as it is measured: to ``path``, or on stdout without one."""
-    if path:
-        return lambda row: write_rows([row], path)
-    return lambda row: print(json.dumps(row), flush=True)
+def stream(rows: Iterable[dict], path: str | None, cols: Sequence[Column]) -> int:
+    """Write each row as soon as it is measured (to ``path``, or on stdout without one), then
+    the table of them all (on stderr when stdout has the rows). Returns 0 (the exit code)."""
+    done = []
+    for row in rows:
+        write_rows([row], path) if path else print(json.dumps(row), flush=True)
+        done.append(row)
+    print(markdown_table(done, cols), file=sys.stdout if path else sys.stderr)
+    return 0
 
 
 def read_rows(path: str) -> list[dict]:
@@ -95,9 +99,8 @@ def columns(spec: str, **fmts) -> list[Column]:
     for item in filter(None, (s.strip() for s in spec.split(";"))):
         key, _, rest = item.partition("=")
         head, _, fmt = rest.rpartition(":") if ":" in rest else (rest, "", "")
-        fmt, _, unit = fmt.partition("/")
-        pattern = ("{:" + fmt + "}" if fmt else "{}") + (f"/{unit}" if unit else "")
-        out.append((key, head, fmts.get(key) or pattern))
+        fmt, slash, unit = fmt.partition("/")  # "{:}" formats as "{}" does
+        out.append((key, head, fmts.get(key) or "{:" + fmt + "}" + slash + unit))
     return out
 
 

@@ -13,7 +13,7 @@ import torch
 from ..comm import Ring
 from ..kernels import fused
 from ..plan.simulate import BWD_FLOPS_FACTOR
-from ..schedule import ring_plan
+from ..schedule import attention_flops, ring_plan
 from .harness import make_inputs, timed
 
 
@@ -54,11 +54,14 @@ def kernel_rates(row: dict, block: int, repeats: int = 2) -> dict:
     )
 
 
-def replay_rank(row: dict, rank: int, repeats: int = 1) -> dict:
-    """CPU seconds of exactly the kernel calls ``rank``'s schedule makes (fwd, bwd), without
-    communication, merges or accumulation: between the simulator (FLOP-proportional) and the
-    measured ring, so the error of each can be told apart."""
+def replay_rank(row: dict, rank: int | None = None, repeats: int = 1) -> dict:
+    """CPU seconds of exactly the kernel calls ``rank``'s schedule makes (fwd, bwd; None: the
+    busiest rank's), without communication, merges or accumulation: between the simulator
+    (FLOP-proportional) and the measured ring, so the error of each can be told apart."""
     w, n = row["world"], row["seq"] // row["world"]
+    if rank is None:
+        flops = attention_flops(row["layout"], w, row["seq"], row["causal"])
+        rank = flops.index(max(flops))
     works = [wk for step in ring_plan(row["layout"], row["causal"], rank, w, n) for wk in step]
     t_fwd, t_bwd = _kernel_cpu_s(row, n, works, repeats)
     return dict(fwd_cpu_s=t_fwd, bwd_cpu_s=t_bwd, fwdbwd_cpu_s=t_fwd + t_bwd)

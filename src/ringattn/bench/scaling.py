@@ -30,18 +30,13 @@ def _parse(name: str, argv: list[str], world: list[int], seq, pairs) -> argparse
 
 def strong_rows(results: list[dict]) -> list[dict]:
     """One SDPA row per global seq (W = 1, from the cached reference), then the ring rows."""
-    out, seen = [], set()
-    for r in results:
-        if r["seq"] not in seen:
-            seen.add(r["seq"])
-            ref = {k: r[k] for k in ("seq", "layout", "causal", "dtype", "heads", "head_dim")}
-            cpu = r["sdpa_fwdbwd_cpu_s"]
-            out.append(dict(ref, impl="sdpa", world=1, fwdbwd_s=r["sdpa_fwdbwd_s"],
-                            fwdbwd_cpu_s=cpu, fwdbwd_cpu_max_s=cpu))  # fmt: skip
-    for r in results:
-        speedup = r["sdpa_fwdbwd_cpu_s"] / r["fwdbwd_cpu_max_s"]
-        out.append(dict(r, impl="ring", speedup_dedicated=speedup))
-    return sorted(out, key=lambda r: (r["seq"], r["world"]))
+    keep = ("seq", "layout", "causal", "dtype", "heads", "head_dim")
+    sdpa = {r["seq"]: dict({k: r[k] for k in keep}, impl="sdpa", world=1,
+                           fwdbwd_s=r["sdpa_fwdbwd_s"], fwdbwd_cpu_s=r["sdpa_fwdbwd_cpu_s"],
+                           fwdbwd_cpu_max_s=r["sdpa_fwdbwd_cpu_s"]) for r in results}  # fmt: skip
+    ring = [dict(r, impl="ring", speedup_dedicated=r["sdpa_fwdbwd_cpu_s"] / r["fwdbwd_cpu_max_s"])
+            for r in results]  # fmt: skip
+    return sorted([*sdpa.values(), *ring], key=lambda r: (r["seq"], r["world"]))
 
 
 STRONG_COLUMNS = output.columns(
@@ -79,8 +74,8 @@ def plot_strong(rows: list[dict], path: str) -> None:
 def strong_main(argv: list[str]) -> int:
     pairs = lambda a: [(w, s) for w in a.world for s in a.seq]
     args = _parse("scaling", argv, [2, 4, 8], [2048, 4096, 8192], pairs)
-    rows = output.stamp(strong_rows(measure(args.problems, args.repeats, args.threads)), "scaling")
-    return output.report(rows, args, [STRONG_COLUMNS], NOTES, plot_strong)
+    rows = strong_rows(list(measure(args.problems, args.repeats, args.threads)))
+    return output.report(output.stamp(rows, "scaling"), args, [STRONG_COLUMNS], NOTES, plot_strong)
 
 
 # --- weak ---------------------------------------------------------------------------------
@@ -88,14 +83,10 @@ def strong_main(argv: list[str]) -> int:
 
 def weak_rows(results: list[dict]) -> list[dict]:
     """Add the per-step time and the flatness relative to the smallest W."""
-    results = sorted(results, key=lambda r: r["world"])
-    first = results[0]["fwdbwd_cpu_max_s"] / results[0]["world"]
-    out = []
-    for r in results:
-        per_step = r["fwdbwd_cpu_max_s"] / r["world"]
-        out.append(dict(r, local_seq=r["seq"] // r["world"], cpu_per_step_s=per_step,
-                        step_vs_first=per_step / first))  # fmt: skip
-    return out
+    rows = sorted(results, key=lambda r: r["world"])
+    step = [r["fwdbwd_cpu_max_s"] / r["world"] for r in rows]  # CPU per rank per ring step
+    return [dict(r, local_seq=r["seq"] // r["world"], cpu_per_step_s=s, step_vs_first=s / step[0])
+            for r, s in zip(rows, step)]  # fmt: skip
 
 
 WEAK_COLUMNS = output.columns(

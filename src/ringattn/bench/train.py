@@ -6,7 +6,6 @@ tokens/s per core-second (W ranks share the cores).
 from __future__ import annotations
 
 import statistics
-import sys
 from pathlib import Path
 
 from ..cp import STRATEGIES
@@ -104,16 +103,6 @@ COLUMNS = output.columns(
 )
 
 
-def table(rows: list[dict]) -> str:
-    return output.markdown_table(rows, COLUMNS)
-
-
 def main(argv: list[str]) -> int:
     a = parse(argv)
-    sink = output.row_sink(a.out)
-    rows = []
-    for cp in a.cp:
-        rows.append(run_one(a, cp))
-        sink(rows[-1])
-    print(table(rows), file=sys.stdout if a.out else sys.stderr)
-    return 0
+    return output.stream((run_one(a, cp) for cp in a.cp), a.out, COLUMNS)

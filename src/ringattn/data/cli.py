@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ringattn.train.cli import _Parser
+from ringattn.cli import Parser, positive
 
 __all__ = ["export_main", "prepare_main"]
 
@@ -13,7 +13,7 @@ __all__ = ["export_main", "prepare_main"]
 def prepare_main(argv: list[str]) -> int:
     from ringattn.data.prepare import PrepareConfig, prepare_dataset
 
-    ap = _Parser(
+    ap = Parser(
         prog="ringattn prepare",
         allow_abbrev=False,
         description="Tokenize .txt / .jsonl / .parquet documents into a memory-mapped token "
@@ -25,11 +25,9 @@ def prepare_main(argv: list[str]) -> int:
     ap.add_argument("--out", required=True, help="the dataset folder to create")
     ap.add_argument("--text-field", default="text", help="jsonl key / parquet column")
     ap.add_argument("--eos", default=None, help="EOS token (default: </s>, <|endoftext|> ...)")
-    ap.add_argument("--workers", type=int, default=1, help="processes (one file each)")
+    ap.add_argument("--workers", type=positive, default=1, help="processes (one file each)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
-    if a.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {a.workers}")
     cfg = PrepareConfig(a.tokenizer, a.input, a.out, a.text_field, a.eos, a.workers, quiet=a.quiet)
     m = prepare_dataset(cfg)
     mb, dt = m["bytes"] / 1e6, max(m["seconds"], 1e-9)
@@ -47,7 +45,7 @@ def prepare_main(argv: list[str]) -> int:
 def export_main(argv: list[str]) -> int:
     from ringattn.export import export_hf
 
-    ap = _Parser(
+    ap = Parser(
         prog="ringattn export",
         allow_abbrev=False,
         description="Write a training checkpoint (saved at any dp/cp/tp) as a Hugging Face "

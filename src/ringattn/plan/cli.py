@@ -16,6 +16,7 @@ import json
 import sys
 from dataclasses import replace
 
+from ringattn.cli import Parser
 from ringattn.model.config import PRESETS, get_preset
 from ringattn.plan import cost, step
 from ringattn.plan.hardware import HARDWARE, Hardware, get_hardware
@@ -84,7 +85,7 @@ def _gb(x: float) -> str:
 
 
 def _plan_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="ringattn plan",
         description="Memory, max context and step time of a context-parallel training run.",
     )
@@ -248,9 +249,7 @@ def plan_main(argv: list[str]) -> int:
 
 
 def _simulate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ringattn simulate", description="Simulate one layer of ring attention."
-    )
+    p = Parser(prog="ringattn simulate", description="Simulate one layer of ring attention.")
     p.add_argument("--world", type=int, default=8)
     p.add_argument("--seq", type=int, default=65536, help="global sequence length")
     p.add_argument("--layout", default="zigzag", choices=[*LAYOUTS, "packed"])

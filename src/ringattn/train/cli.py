@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from ringattn.cli import Parser
 from ringattn.launch import init_distributed, launch, under_torchrun
 from ringattn.train.config import Config, load_config
 
@@ -44,15 +45,8 @@ def run_worker(cfg_dict: dict) -> dict:
         dist.destroy_process_group()
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is a one-line ValueError (no usage dump, no exit here)."""
-
-    def error(self, message: str):
-        raise ValueError(f"{message} (see {self.prog} --help)")
-
-
 def _parser(prog: str, description: str, config_help: str) -> argparse.ArgumentParser:
-    ap = _Parser(prog=prog, allow_abbrev=False, description=description, epilog=_EPILOG)
+    ap = Parser(prog=prog, allow_abbrev=False, description=description, epilog=_EPILOG)
     ap.add_argument("--config", help=config_help)
     ap.add_argument("--print-config", action="store_true", help="print the config and exit")
     return ap
