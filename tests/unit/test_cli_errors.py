@@ -43,6 +43,8 @@ ROWS = [
         "ringattn prepare: argument --workers: must be a positive integer, got '0'",
     ),
     (["export", "--out", "o"], "ringattn export: the following arguments are required"),
+    (["plan", "--devices", "8", "--cp", "3"], "ringattn plan: dp*cp*tp = 2*3*1 != devices"),
+    (["simulate", "--world", "4", "--seq", "100"], "ringattn simulate: zigzag needs seq"),
     (["bench", "nope"], "ringattn bench: unknown benchmark 'nope'"),
 ]
 
