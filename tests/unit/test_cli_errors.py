@@ -36,7 +36,7 @@ ROWS = [
     (["demo", "--parallel.cp=0"], "parallel.cp=0"),
     (["trian"], "'trian'"),
     # every command's parser (``ringattn.cli.Parser``): the same one line, the option named
-    (["plan", "--devices", "x"], "ringattn plan: argument --devices: invalid int value: 'x'"),
+    (["plan", "--devices", "x"], "ringattn plan: argument --devices: must be a positive integer"),
     (["simulate", "--layout", "snake"], "ringattn simulate: argument --layout: invalid choice"),
     (
         ["prepare", "--tokenizer", "t", "--input", "i", "--out", "o", "--workers", "0"],
@@ -45,6 +45,8 @@ ROWS = [
     (["export", "--out", "o"], "ringattn export: the following arguments are required"),
     (["plan", "--devices", "8", "--cp", "3"], "ringattn plan: dp*cp*tp = 2*3*1 != devices"),
     (["simulate", "--world", "4", "--seq", "100"], "ringattn simulate: zigzag needs seq"),
+    (["plan", "--devices", "0"], "ringattn plan: argument --devices: must be a positive integer"),
+    (["simulate", "--heads", "-2"], "argument --heads: must be a positive integer, got '-2'"),
     (["bench", "nope"], "ringattn bench: unknown benchmark 'nope'"),
 ]
 

@@ -15,7 +15,7 @@ import argparse
 import json
 from dataclasses import replace
 
-from ringattn.cli import Parser
+from ringattn.cli import Parser, positive
 from ringattn.model.config import PRESETS, get_preset
 from ringattn.plan import cost, step
 from ringattn.plan.hardware import HARDWARE, Hardware, get_hardware
@@ -90,20 +90,20 @@ def _plan_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--paper-table", action="store_true", help="print the paper's c >= F/B table")
     p.add_argument("--model", default="llama-7b", choices=sorted(PRESETS))
-    p.add_argument("--devices", type=int, default=8, help="dp * cp * tp")
-    p.add_argument("--cp", type=int, default=None, help="context parallel size (default: all)")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--dp", type=int, default=None, help="default: devices / (cp * tp)")
-    p.add_argument("--seq", type=int, default=None, help="global context (default: the max)")
-    p.add_argument("--batch", type=int, default=1, help="sequences per dp rank")
+    p.add_argument("--devices", type=positive, default=8, help="dp * cp * tp")
+    p.add_argument("--cp", type=positive, default=None, help="context parallel size (default: all)")
+    p.add_argument("--tp", type=positive, default=1)
+    p.add_argument("--dp", type=positive, default=None, help="default: devices / (cp * tp)")
+    p.add_argument("--seq", type=positive, default=None, help="global context (default: the max)")
+    p.add_argument("--batch", type=positive, default=1, help="sequences per dp rank")
     p.add_argument("--strategy", default="ring", choices=cost.STRATEGIES)
     p.add_argument("--layout", default="zigzag", choices=[*LAYOUTS, "packed"])
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
     _add_docs_args(p)
     p.add_argument("--checkpointing", default="full", choices=cost.CHECKPOINTING)
     p.add_argument("--no-fsdp", dest="fsdp", action="store_false")
-    p.add_argument("--loss-chunk", type=int, default=None, help="blockwise loss chunk (tokens)")
-    p.add_argument("--ffn-chunk", type=int, default=None, help="blockwise FFN chunk (tokens)")
+    p.add_argument("--loss-chunk", type=positive, default=None, help="blockwise loss chunk, tokens")
+    p.add_argument("--ffn-chunk", type=positive, default=None, help="blockwise FFN chunk (tokens)")
     p.add_argument("--json", action="store_true")
     _add_hardware_args(p)
     return p
@@ -245,16 +245,16 @@ def plan_main(argv: list[str]) -> int:
 
 def _simulate_parser() -> argparse.ArgumentParser:
     p = Parser(prog="ringattn simulate", description="Simulate one layer of ring attention.")
-    p.add_argument("--world", type=int, default=8)
-    p.add_argument("--seq", type=int, default=65536, help="global sequence length")
+    p.add_argument("--world", type=positive, default=8)
+    p.add_argument("--seq", type=positive, default=65536, help="global sequence length")
     p.add_argument("--layout", default="zigzag", choices=[*LAYOUTS, "packed"])
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
     _add_docs_args(p)
     p.add_argument("--model", choices=sorted(PRESETS), help="take heads and head_dim from it")
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=None)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=positive, default=32)
+    p.add_argument("--kv-heads", type=positive, default=None)
+    p.add_argument("--head-dim", type=positive, default=128)
+    p.add_argument("--batch", type=positive, default=1)
     p.add_argument("--forward-only", action="store_true")
     p.add_argument("--png", help="write a timeline plot (world <= 16)")
     p.add_argument("--json", action="store_true")
